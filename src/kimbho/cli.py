@@ -1,0 +1,274 @@
+"""The `kimbho` command. Each subcommand is a small function over the Python API; heavy imports
+happen inside them so `kimbho --help` answers at once. A `KimbhoError` becomes one line on
+stderr and exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import KimbhoError
+
+log = logging.getLogger("kimbho")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .data import CorpusSource
+    from .tokenizer import Tokenizer
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise KimbhoError(f"{out} already exists; choose another --out or pass --force")
+    tokenizer = Tokenizer.train(
+        CorpusSource(args.input, args.text_field).texts(), args.vocab_size, show_progress=True
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    print(f"wrote {out}: {tokenizer.vocab_size} tokens")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+
+    meta = prepare(
+        args.input,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        force=args.force,
+    )
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    report = meta["report"]
+    print(
+        f"wrote {args.out}: {train['tokens']:,} train / {val['tokens']:,} val tokens, "
+        f"{report['documents']:,} documents from {report['files'] or 1} source(s), vocabulary {meta['vocab_size']}"
+    )
+    skipped = len(report["skipped_binary"]) + report["jsonl_missing_field"] + report["jsonl_invalid_lines"]
+    if skipped or report["invalid_utf8_files"]:
+        print(
+            f"  skipped {len(report['skipped_binary'])} binary file(s), {report['jsonl_missing_field']} jsonl line(s) "
+            f"without '{args.text_field}', {report['jsonl_invalid_lines']} invalid jsonl line(s); "
+            f"{report['replaced_bytes']} invalid UTF-8 byte(s) replaced in {len(report['invalid_utf8_files'])} file(s)"
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import resolve_run_config
+    from .train import Trainer
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    run, explicit = resolve_run_config(args.config, args.preset, overrides)
+    trainer = Trainer(run, args.data, args.out, resume=args.resume, explicit_keys=explicit)
+    params = trainer.model.num_params()
+    log.info(
+        f"training {params / 1e6:.2f}M parameters on {trainer.device} ({str(trainer.dtype).removeprefix('torch.')}), "
+        f"{trainer.cfg.max_steps} steps of {trainer.cfg.batch_size} x {trainer.seq_len} tokens"
+    )
+    last = trainer.fit()
+    summary = ", ".join(
+        f"{k} {v:.4f}"
+        for k, v in {**last.get("train", {}), **last.get("eval", {})}.items()
+        if k in ("loss", "val_loss", "val_bpb")
+    )
+    print(f"finished {args.out}: {summary}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .checkpoint import load
+    from .generation import encode_prompt, generate, stream
+
+    model, tokenizer = load(args.model)
+    sampling = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+    prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
+    for prompt in prompts:
+        if args.stream:
+            print(prompt, end="", flush=True)
+            for piece in stream(model, tokenizer, prompt, args.max_new_tokens, seed=args.seed, **sampling):
+                print(piece, end="", flush=True)
+            print()
+            continue
+        ids = encode_prompt(tokenizer, prompt)
+        out = generate(
+            model,
+            ids,
+            args.max_new_tokens,
+            num_beams=args.num_beams,
+            eos_token_id=tokenizer.eot_id,
+            seed=args.seed,
+            **sampling,
+        )  # type: ignore[arg-type]
+        new = out[0, ids.shape[1] :].tolist()
+        if tokenizer.eot_id in new:
+            new = new[: new.index(tokenizer.eot_id)]
+        print(prompt + tokenizer.decode(new), flush=True)
+
+
+def _stdin_prompts() -> Iterator[str]:
+    """Interactive mode: one prompt per line of standard input."""
+    if sys.stdin.isatty():
+        print("kimbho: type a prompt and press Enter (Ctrl-D to quit)", file=sys.stderr)
+    for line in sys.stdin:
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .checkpoint import load
+    from .evaluation import evaluate
+
+    model, tokenizer = load(args.model)
+    print(json.dumps(evaluate(model, tokenizer, args.data, max_tokens=args.max_tokens)))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(minutes=args.minutes, out=Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kimbho", description="Train, run and serve Llama-style language models, from a folder of text."
+    )
+    parser.add_argument("--version", action="version", version=f"kimbho {_version()}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inputs_help = (
+        "text file, directory (recursive), glob or .jsonl; default: the built-in corpus (CPython's docs)"
+    )
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    tok_train = tok_sub.add_parser("train", help="train a tokenizer on text")
+    tok_train.add_argument("--input", nargs="+", metavar="PATH", help=inputs_help)
+    tok_train.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    tok_train.add_argument("--out", required=True, metavar="tokenizer.json")
+    tok_train.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
+    tok_train.add_argument("--force", action="store_true", help="overwrite an existing file")
+    tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    prep = sub.add_parser("prepare", help="tokenize text into token shards for training")
+    prep.add_argument("--input", nargs="+", metavar="PATH", help=inputs_help)
+    which = prep.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tokenizer", metavar="tokenizer.json", help="an existing tokenizer")
+    which.add_argument(
+        "--vocab-size", type=int, metavar="N", help="train a tokenizer of N tokens on the inputs first"
+    )
+    prep.add_argument("--out", required=True, metavar="DATA_DIR")
+    prep.add_argument(
+        "--val-fraction", type=float, default=0.1, metavar="F", help="share held out for validation"
+    )
+    prep.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
+    prep.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    prep.set_defaults(func=cmd_prepare)
+
+    from .config import config_help
+
+    train = sub.add_parser(
+        "train",
+        help="train a model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (YAML sections model: and train:, or key=value on the command line):\n"
+        + config_help(),
+    )
+    train.add_argument("--config", type=Path, metavar="FILE.yaml")
+    train.add_argument("--preset", metavar="NAME", help="seed, tiny, small, base or 1b")
+    train.add_argument("--data", required=True, metavar="DATA_DIR")
+    train.add_argument("--out", required=True, metavar="RUN_DIR")
+    train.add_argument("--max-steps", type=int, metavar="N", help="shorthand for train.max_steps=N")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN_DIR")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="continue a prompt (no --prompt: read prompts from stdin)")
+    gen.add_argument(
+        "model", metavar="MODEL", help="run directory, checkpoint directory or Hugging Face directory"
+    )
+    gen.add_argument("--prompt", help="text to continue; empty starts a new document")
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    gen.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=None, metavar="K")
+    gen.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling (default 0.95)")
+    gen.add_argument("--min-p", type=float, default=None, metavar="P")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R")
+    gen.add_argument("--num-beams", type=int, default=1, metavar="B")
+    gen.add_argument("--seed", type=int, default=None, metavar="S", help="same seed, same text")
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text (one JSON object)")
+    ev.add_argument("model", metavar="MODEL")
+    ev.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA_DIR|TEXT_FILE",
+        help="validation split of a data directory, or a text file",
+    )
+    ev.add_argument("--max-tokens", type=int, default=None, metavar="N", help="evaluate at most N tokens")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser(
+        "demo", help="tokenizer, data, training and samples on the built-in corpus, in minutes"
+    )
+    demo.add_argument("--minutes", type=float, default=3.0, metavar="N", help="training budget (default 3)")
+    demo.add_argument("--out", default="runs/demo", metavar="RUN_DIR")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (tests and notebooks replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "kimbho: warning: " if record.levelno >= logging.WARNING else "kimbho: "
+        return prefix + record.getMessage()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log.propagate = False
+    try:
+        args.func(args)
+    except KimbhoError as e:
+        print(f"kimbho: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kimbho: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `kimbho generate ... | head`
+        return 0
+    return 0

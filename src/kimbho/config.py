@@ -1,0 +1,362 @@
+"""Typed configuration: the model (`KimbhoConfig`), training (`TrainConfig`) and a run (both).
+
+One YAML file and `section.field=value` overrides address the same keys, e.g.
+`model.emb_dim=256 train.lr=3e-4`. The resolved `RunConfig` is written next to every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import KimbhoError
+
+
+def _doc(text: str) -> dict[str, str]:
+    """Field metadata: the help text shown by `kimbho train --help`."""
+    return {"help": text}
+
+
+@dataclass
+class KimbhoConfig:
+    """Shape of a Kimbho model. Field names and meanings follow the seed README and map one to
+    one onto Hugging Face's `LlamaConfig` (see `kimbho.interop.hf`)."""
+
+    vocab_size: int = field(default=1000, metadata=_doc("tokens in the vocabulary"))
+    emb_dim: int = field(default=64, metadata=_doc("width of the residual stream (hidden_size)"))
+    num_heads: int = field(default=8, metadata=_doc("query heads per attention layer"))
+    num_blocks: int = field(default=2, metadata=_doc("decoder blocks"))
+    group_size: int = field(
+        default=4,
+        metadata=_doc("query heads sharing one key/value head: num_kv_heads = num_heads // group_size"),
+    )
+    rope_base: float = field(default=10000.0, metadata=_doc("rotary embedding base (rope_theta)"))
+    pad_idx: int = field(default=0, metadata=_doc("padding token id (its embedding gets no gradient)"))
+    max_seq_len: int = field(default=32, metadata=_doc("longest sequence the model accepts (context)"))
+    mlp_hidden: int | None = field(
+        default=None,
+        metadata=_doc("SwiGLU hidden width; derived as ~8/3 * emb_dim (multiple of 16) when unset"),
+    )
+    norm_eps: float = field(default=1e-5, metadata=_doc("RMSNorm epsilon (rms_norm_eps)"))
+    tie_embeddings: bool = field(
+        default=False, metadata=_doc("share the token embedding with the output head")
+    )
+    dropout: float = field(default=0.0, metadata=_doc("dropout on attention and MLP outputs while training"))
+    init_std: float = field(default=0.02, metadata=_doc("standard deviation of the initial weights"))
+
+    def __post_init__(self) -> None:
+        if self.mlp_hidden is None:
+            self.mlp_hidden = _round_up(int(8 * self.emb_dim / 3), 16)
+        self.rope_base = float(self.rope_base)
+        positive = (
+            "vocab_size",
+            "emb_dim",
+            "num_heads",
+            "num_blocks",
+            "group_size",
+            "max_seq_len",
+            "mlp_hidden",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise KimbhoError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.group_size != 0:
+            raise KimbhoError(
+                f"model.num_heads={self.num_heads} is not divisible by model.group_size={self.group_size}: "
+                f"each key/value head is shared by group_size query heads"
+            )
+        if self.emb_dim % self.num_heads != 0:
+            raise KimbhoError(
+                f"model.emb_dim={self.emb_dim} is not divisible by model.num_heads={self.num_heads}"
+            )
+        if self.head_dim % 2 != 0:
+            raise KimbhoError(
+                f"head dimension emb_dim/num_heads={self.head_dim} must be even for rotary embeddings"
+            )
+        if not 0 <= self.pad_idx < self.vocab_size:
+            raise KimbhoError(
+                f"model.pad_idx={self.pad_idx} is outside the vocabulary of {self.vocab_size} tokens"
+            )
+        if self.rope_base <= 1.0:
+            raise KimbhoError(f"model.rope_base must be greater than 1, got {self.rope_base}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise KimbhoError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads // self.group_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> KimbhoConfig:
+        """The named preset (see `PRESETS`), with any field overridden."""
+        if name not in PRESETS:
+            raise KimbhoError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> KimbhoConfig:
+        return cls(**_checked_fields(cls, values, "model"))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed README's table of defaults.
+    "seed": dict(vocab_size=1000, emb_dim=64, num_heads=8, group_size=4, num_blocks=2, max_seq_len=32),
+    # For tests: grouped-query attention (2 query heads per K/V head) in a model that builds in milliseconds.
+    "tiny": dict(
+        vocab_size=512, emb_dim=64, num_heads=4, group_size=2, num_blocks=2, mlp_hidden=128, max_seq_len=64
+    ),
+    "small": dict(
+        vocab_size=8192,
+        emb_dim=384,
+        num_heads=6,
+        group_size=3,
+        num_blocks=6,
+        mlp_hidden=1024,
+        max_seq_len=256,
+    ),
+    "base": dict(
+        vocab_size=32000,
+        emb_dim=768,
+        num_heads=12,
+        group_size=3,
+        num_blocks=12,
+        mlp_hidden=2048,
+        max_seq_len=1024,
+    ),
+    "1b": dict(
+        vocab_size=32000,
+        emb_dim=2048,
+        num_heads=32,
+        group_size=4,
+        num_blocks=16,
+        mlp_hidden=8192,
+        max_seq_len=2048,
+    ),
+}
+
+
+@dataclass
+class TrainConfig:
+    """How to train. `batch_size` is global: sequences per optimizer step across all processes and
+    gradient-accumulation micro-steps."""
+
+    batch_size: int = field(
+        default=32, metadata=_doc("sequences per optimizer step (all processes, all micro-steps)")
+    )
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata=_doc("sequences per forward pass on one process; unset: the whole per-process batch"),
+    )
+    seq_len: int | None = field(default=None, metadata=_doc("tokens per sequence; unset: model.max_seq_len"))
+    lr: float = field(default=1e-3, metadata=_doc("peak learning rate"))
+    min_lr_ratio: float = field(default=0.1, metadata=_doc("final learning rate as a fraction of the peak"))
+    warmup_steps: int = field(default=100, metadata=_doc("linear warm-up steps"))
+    max_steps: int = field(default=1000, metadata=_doc("length of the run; the schedule ends here"))
+    schedule: str = field(default="cosine", metadata=_doc("cosine | wsd (warm-up, stable, decay) | constant"))
+    decay_fraction: float = field(default=0.2, metadata=_doc("wsd: fraction of the run spent decaying"))
+    weight_decay: float = field(default=0.1, metadata=_doc("AdamW weight decay (matrices only)"))
+    beta1: float = field(default=0.9, metadata=_doc("AdamW beta1"))
+    beta2: float = field(default=0.95, metadata=_doc("AdamW beta2"))
+    grad_clip: float = field(default=1.0, metadata=_doc("clip the global gradient norm to this (0: off)"))
+    log_every: int = field(
+        default=10, metadata=_doc("steps between train records; tokens_per_sec covers that interval")
+    )
+    eval_every: int = field(
+        default=200, metadata=_doc("steps between validation passes (0: only at the end)")
+    )
+    eval_tokens: int = field(
+        default=65536, metadata=_doc("validation tokens per pass (a fixed set of windows)")
+    )
+    sample_every: int = field(
+        default=0, metadata=_doc("steps between sample texts (0: with each validation)")
+    )
+    sample_tokens: int = field(default=48, metadata=_doc("tokens per sample text"))
+    save_every: int = field(
+        default=500, metadata=_doc("steps between checkpoints (a final one is always written)")
+    )
+    keep_last: int = field(default=3, metadata=_doc("how many checkpoints to keep"))
+    seed: int = field(default=1337, metadata=_doc("everything random derives from it"))
+    precision: str = field(default="auto", metadata=_doc("auto | fp32 | bf16"))
+    compile: str = field(default="auto", metadata=_doc("auto | true | false"))
+    optimizer: str = field(default="adamw", metadata=_doc("adamw | muon"))
+    device: str = field(
+        default="auto", metadata=_doc("auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    )
+
+    def __post_init__(self) -> None:
+        self.compile = str(self.compile).lower()  # YAML reads `true` as a bool
+        for name in ("batch_size", "max_steps", "log_every"):
+            if getattr(self, name) <= 0:
+                raise KimbhoError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise KimbhoError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise KimbhoError(f"train.keep_last must be at least 1, got {self.keep_last}")
+        if self.lr <= 0:
+            raise KimbhoError(f"train.lr must be positive, got {self.lr}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise KimbhoError(f"train.micro_batch_size must be positive, got {self.micro_batch_size}")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise KimbhoError(f"train.seq_len must be positive, got {self.seq_len}")
+        choices = {
+            "schedule": ("cosine", "wsd", "constant"),
+            "precision": ("auto", "fp32", "bf16"),
+            "compile": ("auto", "true", "false"),
+            "optimizer": ("adamw", "muon"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise KimbhoError(f"train.{name}={getattr(self, name)!r} is not one of: {', '.join(allowed)}")
+
+
+@dataclass
+class RunConfig:
+    """A whole training run: the model and how to train it."""
+
+    model: KimbhoConfig = field(default_factory=KimbhoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        unknown = set(values) - {"model", "train"}
+        if unknown:
+            raise KimbhoError(f"unknown config section(s) {sorted(unknown)}; use 'model' and 'train'")
+        return cls(
+            model=KimbhoConfig.from_dict(values.get("model") or {}),
+            train=TrainConfig(**_checked_fields(TrainConfig, values.get("train") or {}, "train")),
+        )
+
+
+def resolve_run_config(
+    config_file: Path | None = None, preset: str | None = None, overrides: list[str] | None = None
+) -> tuple[RunConfig, set[str]]:
+    """Build the run config from (in increasing priority) defaults, a preset, a YAML file and
+    `key=value` overrides. Returns it with the set of keys the user set explicitly (the trainer
+    lets the data's tokenizer decide `model.vocab_size` unless the user set it)."""
+    values: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    explicit: set[str] = set()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise KimbhoError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        values["model"].update(PRESETS[preset])
+    if config_file is not None:
+        loaded = _load_yaml(config_file)
+        for section, entries in loaded.items():
+            if section not in values or not isinstance(entries, dict):
+                raise KimbhoError(
+                    f"{config_file}: top-level keys must be 'model' and 'train' mappings, got {section!r}"
+                )
+            for key, value in entries.items():
+                values[section][key] = value
+                explicit.add(f"{section}.{key}")
+    for item in overrides or []:
+        section, key, value = parse_override(item)
+        values[section][key] = value
+        explicit.add(f"{section}.{key}")
+    return RunConfig.from_dict(values), explicit
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`"train.lr=3e-4"` -> `("train", "lr", 0.0003)`, typed by the field it names."""
+    if "=" not in item:
+        raise KimbhoError(f"expected key=value (for example train.lr=3e-4), got {item!r}")
+    key, raw = item.split("=", 1)
+    section, _, name = key.strip().partition(".")
+    classes = {"model": KimbhoConfig, "train": TrainConfig}
+    if section not in classes or not name:
+        raise KimbhoError(f"config key {key!r} must start with 'model.' or 'train.'")
+    fields = {f.name: f for f in dataclasses.fields(classes[section])}
+    if name not in fields:
+        raise KimbhoError(f"unknown config key {key!r}; {section} keys are: {', '.join(fields)}")
+    return section, name, _coerce(raw, fields[name], key)
+
+
+def config_help() -> str:
+    """Every config key with its default and meaning, for `kimbho train --help`."""
+    lines = []
+    for section, cls in (("model", KimbhoConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"  {section}.{f.name:<18} {f.metadata.get('help', '')} (default: {default})")
+    return "\n".join(lines)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return multiple * math.ceil(value / multiple)
+
+
+def _checked_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise KimbhoError(f"unknown {section} key(s) {unknown}; valid keys are: {', '.join(names)}")
+    return {k: _coerce(v, names[k], f"{section}.{k}") for k, v in values.items()}
+
+
+def _coerce(raw: Any, f: dataclasses.Field, key: str) -> Any:
+    """Type a YAML/CLI value by its dataclass field, so `train.lr=1e-3` and `max_steps: 1e3` work."""
+    value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+    hint = typing.get_type_hints(TrainConfig if key.startswith("train") else KimbhoConfig)[f.name]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        hint
+    )
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise KimbhoError(f"{key} cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if base is int:
+            number = float(value) if isinstance(value, str) else value  # YAML reads 1e3 as a string
+            if isinstance(number, bool) or (isinstance(number, float) and not number.is_integer()):
+                raise TypeError
+            return int(number)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base is str:
+            return str(value).lower() if isinstance(value, bool) else str(value)
+    except (TypeError, ValueError):
+        pass
+    raise KimbhoError(f"{key} expects {getattr(base, '__name__', base)}, got {raw!r}")
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise KimbhoError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise KimbhoError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise KimbhoError(f"config file {path} must hold a mapping with 'model' and/or 'train' sections")
+    return loaded

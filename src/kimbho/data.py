@@ -1,0 +1,356 @@
+"""Token data: `prepare` turns raw text into token shards; datasets and samplers read them back.
+
+A prepared data directory holds
+
+    meta.json                 tokenizer hash, vocab size, dtype, token/document/byte counts, sources
+    tokenizer.json            the tokenizer the shards were made with
+    train-00000.npy ...       token ids (uint16 when the vocabulary fits, else uint32), documents
+    val-00000.npy ...         separated by the end-of-text token; `numpy.load(mmap_mode="r")` reads them
+
+`prepare` streams: it holds one shard buffer and one batch of text in memory, whatever the corpus
+size. The validation split takes whole sections (documents, or ~32 KiB pieces of long ones), every
+k-th, so it is spread over the corpus and its share is exactly `val_fraction` of the sections.
+The directory appears complete or not at all: it is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .corpus import (
+    DEFAULT_CORPUS,
+    CorpusReport,
+    Section,
+    default_corpus_sections,
+    read_sections,
+    resolve_inputs,
+)
+from .errors import KimbhoError
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("kimbho")
+
+SPLITS = ("train", "val")
+DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per shard buffer
+_ENCODE_BATCH_BYTES = 4 * 1024 * 1024
+
+
+class CorpusSource:
+    """Where the text comes from: input paths, or the built-in default corpus when there are none.
+    It can be read more than once (tokenizer training, then tokenization)."""
+
+    def __init__(self, inputs: list[str] | None, text_field: str = "text") -> None:
+        self.files = resolve_inputs(inputs) if inputs else None
+        self.text_field = text_field
+
+    def sections(self, report: CorpusReport | None = None) -> Iterator[Section]:
+        report = report if report is not None else CorpusReport()
+        if self.files is None:
+            return default_corpus_sections(report)
+        return read_sections(self.files, self.text_field, report)
+
+    def texts(self) -> Iterator[str]:
+        return (s.text for s in self.sections())
+
+    @property
+    def total_bytes(self) -> int | None:
+        return sum(f.stat().st_size for f in self.files) if self.files is not None else None
+
+    @property
+    def names(self) -> list[str]:
+        return [str(f) for f in self.files] if self.files is not None else [DEFAULT_CORPUS]
+
+
+def prepare(
+    inputs: list[str] | None,
+    out_dir: str | os.PathLike[str],
+    tokenizer: Tokenizer | str | os.PathLike[str] | None = None,
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    text_field: str = "text",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Tokenize `inputs` (or the default corpus when None/empty) into `out_dir`; returns meta.json's
+    content. Give a tokenizer, or a `vocab_size` to train one on the same text first."""
+    out = Path(out_dir)
+    if not 0.0 <= val_fraction < 1.0:
+        raise KimbhoError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if (tokenizer is None) == (vocab_size is None):
+        raise KimbhoError(
+            "give either a tokenizer (--tokenizer tokenizer.json) or a vocabulary size (--vocab-size N)"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise KimbhoError(
+            f"output directory {out} already exists and is not empty; choose another or pass --force"
+        )
+    source = CorpusSource(inputs, text_field)
+    if tokenizer is None:
+        assert vocab_size is not None
+        log.info(f"training a {vocab_size}-token byte-level BPE tokenizer")
+        tokenizer = Tokenizer.train(source.texts(), vocab_size)
+    elif not isinstance(tokenizer, Tokenizer):
+        tokenizer = Tokenizer.from_file(tokenizer)
+    if tokenizer.eot_id is None:
+        raise KimbhoError("the tokenizer has no end-of-text token (<|endoftext|>) to separate documents")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _write_shards(source, tokenizer, tmp, val_fraction, shard_tokens)
+        tokenizer.save(tmp / "tokenizer.json")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _write_shards(
+    source: CorpusSource, tokenizer: Tokenizer, out: Path, val_fraction: float, shard_tokens: int
+) -> dict[str, Any]:
+    vocab = tokenizer.vocab_size
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    writers = {split: _ShardWriter(out, split, dtype, shard_tokens) for split in SPLITS}
+    report = CorpusReport()
+    eot = tokenizer.eot_id
+    assert eot is not None
+    index = 0  # section number, decides the split
+    progress = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None)
+
+    document_has_text = False  # an empty document gets no end-of-text token of its own
+
+    def flush(batch: list[Section]) -> None:
+        nonlocal index, document_has_text
+        for section, ids in zip(batch, tokenizer.encode_batch([s.text for s in batch]), strict=True):
+            document_has_text |= bool(ids)
+            if not ids and not (section.end_of_document and document_has_text):
+                continue
+            if section.end_of_document:
+                document_has_text = False
+            # Systematic sampling: section i is validation when (i + 1/2) * val_fraction crosses an
+            # integer, so sections 1/(2f), 3/(2f), ... are held out: spread out, exactly a share f.
+            split = (
+                "val"
+                if math.floor((index + 1) * val_fraction + 0.5) > math.floor(index * val_fraction + 0.5)
+                else "train"
+            )
+            index += 1
+            writers[split].write(ids, len(section.text.encode()), eot if section.end_of_document else None)
+            progress.update(len(section.text.encode()))
+
+    batch: list[Section] = []
+    size = 0
+    for section in source.sections(report):
+        batch.append(section)
+        size += len(section.text)
+        if size >= _ENCODE_BATCH_BYTES:
+            flush(batch)
+            batch, size = [], 0
+    if batch:
+        flush(batch)
+    progress.close()
+
+    if writers["train"].tokens + writers["val"].tokens == 0:
+        raise KimbhoError("the corpus is empty: no text was found in the inputs")
+    if val_fraction > 0 and writers["val"].tokens == 0:
+        raise KimbhoError(
+            f"the corpus is too small to hold out {val_fraction:.0%} for validation "
+            f"({index} section(s) of ~32 KiB); add text or pass --val-fraction 0"
+        )
+    splits = {split: writer.close() for split, writer in writers.items()}
+    return {
+        "format": "kimbho-tokens-v1",
+        "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": vocab,
+        "dtype": np.dtype(dtype).name,
+        "eot_id": eot,
+        "pad_id": tokenizer.pad_id,
+        "val_fraction": val_fraction,
+        "splits": splits,
+        "sources": source.names,
+        "report": asdict(report),
+    }
+
+
+class _ShardWriter:
+    """Fills a fixed-size buffer and writes it out as numbered .npy shards."""
+
+    def __init__(self, out: Path, split: str, dtype: type, shard_tokens: int) -> None:
+        self.out, self.split, self.dtype = out, split, dtype
+        self.buffer = np.empty(shard_tokens, dtype=dtype)
+        self.fill = 0
+        self.shards: list[str] = []
+        self.tokens = self.documents = self.bytes = 0
+        self.digest = hashlib.sha256()
+
+    def write(self, ids: list[int], num_bytes: int, eot: int | None) -> None:
+        array = np.asarray(ids + ([eot] if eot is not None else []), dtype=self.dtype)
+        self.tokens += len(array)
+        self.bytes += num_bytes
+        self.documents += eot is not None
+        while len(array):
+            take = min(len(array), len(self.buffer) - self.fill)
+            self.buffer[self.fill : self.fill + take] = array[:take]
+            self.fill += take
+            array = array[take:]
+            if self.fill == len(self.buffer):
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.fill == 0:
+            return
+        name = f"{self.split}-{len(self.shards):05d}.npy"
+        data = self.buffer[: self.fill]
+        np.save(self.out / name, data)
+        self.digest.update(data.tobytes())
+        self.shards.append(name)
+        self.fill = 0
+
+    def close(self) -> dict[str, Any]:
+        self._flush()
+        return {
+            "shards": self.shards,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "bytes": self.bytes,
+            "sha256": self.digest.hexdigest(),
+        }
+
+
+# --- reading prepared data -------------------------------------------------------------------
+
+
+def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(data_dir) / "meta.json"
+    if not Path(data_dir).is_dir():
+        raise KimbhoError(f"data directory {data_dir} does not exist; create it with `kimbho prepare`")
+    if not path.is_file():
+        raise KimbhoError(
+            f"{data_dir} is not a prepared data directory (no meta.json); create it with `kimbho prepare`"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise KimbhoError(f"{path} is corrupt (not valid JSON); prepare the data again") from None
+    if meta.get("format") != "kimbho-tokens-v1":
+        raise KimbhoError(f"{path} is not a Kimbho data directory (format {meta.get('format')!r})")
+    return meta
+
+
+class TokenStream:
+    """One split of a prepared data directory as a single read-only sequence of token ids."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], split: str = "train") -> None:
+        if split not in SPLITS:
+            raise KimbhoError(f"split must be one of {SPLITS}, got {split!r}")
+        self.data_dir = Path(data_dir)
+        self.meta = load_meta(data_dir)
+        info = self.meta["splits"][split]
+        self.split = split
+        self.shards = []
+        for name in info["shards"]:
+            try:
+                self.shards.append(np.load(self.data_dir / name, mmap_mode="r"))
+            except (OSError, ValueError) as e:
+                raise KimbhoError(
+                    f"shard {self.data_dir / name} is missing or corrupt ({e}); prepare the data again"
+                ) from None
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+        if int(self.offsets[-1]) != info["tokens"]:
+            raise KimbhoError(
+                f"{self.data_dir}: {split} shards hold {self.offsets[-1]} tokens, meta.json says {info['tokens']}"
+            )
+        self.bytes_per_token = info["bytes"] / max(1, info["tokens"])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length), across shard boundaries."""
+        pieces = []
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while length > 0:
+            local = start - int(self.offsets[shard])
+            take = min(length, len(self.shards[shard]) - local)
+            pieces.append(self.shards[shard][local : local + take])
+            start, length, shard = start + take, length - take, shard + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else np.asarray(pieces[0])
+
+
+class TokenDataset(Dataset):
+    """The seed README's dataset: non-overlapping windows as `(input_ids, target_ids)` pairs, the
+    targets shifted by one token. Use with `DataLoader(dataset, batch_size=32, shuffle=True,
+    drop_last=True)`."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], seq_len: int, split: str = "train") -> None:
+        self.stream = TokenStream(data_dir, split)
+        self.seq_len = seq_len
+        if len(self.stream) < seq_len + 1:
+            raise KimbhoError(
+                f"the {split} split holds {len(self.stream)} tokens, fewer than one window of {seq_len + 1}"
+            )
+
+    def __len__(self) -> int:
+        return (len(self.stream) - 1) // self.seq_len
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        chunk = torch.from_numpy(self.stream.window(index * self.seq_len, self.seq_len + 1).astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class RandomWindowSampler:
+    """The trainer's batches: windows at random offsets, a pure function of (seed, step).
+
+    Because batch `step` depends on nothing else, resuming at any step reads exactly the batch
+    the uninterrupted run would have, and each of N processes can take its own rows of the same
+    global batch."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int) -> None:
+        if len(stream) < seq_len + 1:
+            raise KimbhoError(
+                f"the {stream.split} split holds {len(stream)} tokens, fewer than one sequence of "
+                f"train.seq_len + 1 = {seq_len + 1}; use a shorter train.seq_len or more data"
+            )
+        self.stream, self.seq_len, self.batch_size, self.seed = stream, seq_len, batch_size, seed
+
+    def offsets(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, len(self.stream) - self.seq_len, size=self.batch_size)
+
+    def batch(self, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (len(rows), seq_len) int64: the given rows of batch `step`."""
+        windows = np.stack([self.stream.window(int(o), self.seq_len + 1) for o in self.offsets(step)[rows]])
+        chunk = torch.from_numpy(windows.astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+def eval_windows(
+    window: Callable[[int, int], np.ndarray], num_tokens: int, seq_len: int, max_tokens: int | None
+) -> Iterator[torch.Tensor]:
+    """Consecutive windows of up to seq_len + 1 tokens over a sequence of `num_tokens` read through
+    `window(start, length)`, each sharing its last token with the next, so every token after the
+    first is predicted exactly once. Stops after `max_tokens` predicted tokens (all when None)."""
+    total = num_tokens - 1 if max_tokens is None else min(num_tokens - 1, max_tokens)
+    for start in range(0, total, seq_len):
+        yield torch.from_numpy(window(start, min(seq_len, total - start) + 1).astype(np.int64))

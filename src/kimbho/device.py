@@ -1,0 +1,71 @@
+"""Choosing where and in what precision to run.
+
+CPU and CUDA differ in one place only: this module. bf16 pays on CUDA GPUs of compute capability
+8.0 or newer (Ampere+) and on CPUs with AMX tiles or AVX512-BF16; elsewhere (for example AVX2-only
+CPUs, where PyTorch emulates bf16 matrix products and they run ~60x slower than fp32) `auto`
+picks fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .errors import KimbhoError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KimbhoError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KimbhoError("device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise KimbhoError("device mps was asked for, but this PyTorch has no Apple MPS support")
+    return device
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively (not emulated) on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        return _cpu_has_native_bf16()
+    return False
+
+
+def _cpu_has_native_bf16() -> bool:
+    # Private probes of torch.cpu (present since 2.3); a missing probe counts as "no".
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, check, lambda: False)()) for check in checks)
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for `train.precision` (weights and optimizer state stay fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp32":
+        return torch.float32
+    raise KimbhoError(f"unknown precision {name!r}; use auto, fp32 or bf16")
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Mixed precision for the forward pass: bf16 matrix products, fp32 weights. A no-op in fp32."""
+    if dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield

@@ -1,0 +1,14 @@
+"""The one exception type that means "the user asked for something we cannot do".
+
+The command line prints a `KimbhoError` as a single line and exits non-zero; any other
+exception is a bug in Kimbho and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class KimbhoError(ValueError):
+    """A user mistake (bad path, bad config, mismatched files), stated in the user's words.
+
+    It subclasses `ValueError` so that Python callers can catch the familiar type.
+    """

@@ -1,0 +1,2 @@
+"""Adapters between Kimbho and the formats the rest of the ecosystem runs: one module per format,
+each holding that format's whole key map."""

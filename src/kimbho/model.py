@@ -1,0 +1,295 @@
+"""Kimbho V1: a Llama-style decoder-only transformer, read top to bottom like the paper.
+
+Architecture choices and where they come from:
+
+- Token embedding, no absolute positions; position enters only through rotary embeddings
+  (RoFormer, Su et al. 2021), in the rotate-half layout of Hugging Face's `LlamaForCausalLM`,
+  so export and import are key renames, never a q/k permutation.
+- N pre-norm decoder blocks: `x + Attn(RMSNorm(x))`, then `x + SwiGLU(RMSNorm(x))`
+  (pre-norm as in GPT-2 and Llama; RMSNorm, Zhang & Sennrich 2019; SwiGLU, Shazeer 2020).
+- Grouped-query attention (Ainslie et al. 2023): `num_kv_heads = num_heads // group_size` key/value
+  heads, each shared by `group_size` query heads. The key/value cache holds only those heads.
+  Attention runs in `F.scaled_dot_product_attention`, whose fused kernels tile the queries in
+  blocks that each attend over the full key/value range: what the seed README's "chunked
+  queries" aimed at, without materialising the T x T score matrix.
+- Final RMSNorm and a linear head, tied to the embedding or not (`tie_embeddings`).
+
+Query, key and value projections are one fused matrix (`attn.qkv`), as are the SwiGLU gate and
+up projections (`mlp.gate_up`): one matrix product instead of three (two) per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import KimbhoConfig
+from .errors import KimbhoError
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned gain; statistics in fp32 for bf16 safety."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each (max_len, head_dim), in fp32.
+
+    Rotate-half layout: dimension i and i + head_dim/2 form a pair rotated by angle
+    `pos * base^(-2i/head_dim)`, so both halves of the table repeat the same frequencies."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (max_len, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, head_dim) by the angles of its positions, cos/sin (T, head_dim)
+    or (B, 1, T, head_dim)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer, `(num_blocks, B, num_kv_heads, max_len, head_dim)`:
+    static shapes, so a decode step allocates nothing and can be compiled. `length` is the number
+    of positions already filled."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) at positions [length, length+T) of `layer`; return the
+        keys and values of all positions so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, config: KimbhoConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(
+            config.emb_dim, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False
+        )
+        self.out = nn.Linear(self.num_heads * self.head_dim, config.emb_dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, n_kv, past + T, hd)
+        # Without a mask the queries are causal among themselves; a single decoding query
+        # attends to every cached position, so it needs no mask at all.
+        causal = mask is None and T > 1
+        if causal and past > 0:
+            # Chunked prefill: query i sits at position past + i and may see keys 0..past + i.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, nh, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: KimbhoConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_hidden
+        assert hidden is not None
+        self.gate_up = nn.Linear(config.emb_dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, config.emb_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: KimbhoConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.emb_dim, config.norm_eps)
+        self.attn = GroupedQueryAttention(config)
+        self.mlp_norm = RMSNorm(config.emb_dim, config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class KimbhoV1Model(nn.Module):
+    """The Kimbho V1 decoder. `KimbhoV1Model(config)` or `KimbhoV1Model(vocab_size=..., ...)`.
+
+    `forward(input_ids)` maps (B, T) token ids to (B, T, vocab_size) logits."""
+
+    def __init__(self, config: KimbhoConfig | None = None, **fields: object) -> None:
+        super().__init__()
+        if config is None:
+            config = KimbhoConfig(**fields)  # type: ignore[arg-type]
+        elif fields:
+            raise TypeError("pass either a KimbhoConfig or its fields as keywords, not both")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.emb_dim, padding_idx=config.pad_idx)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_blocks))
+        self.norm = RMSNorm(config.emb_dim, config.norm_eps)
+        self.head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        # Not persistent: derived from the config, so they stay out of checkpoints.
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) matrices; the projections that write into the residual stream
+        scaled by 1/sqrt(2 * num_blocks) (GPT-2) so its variance does not grow with depth;
+        unit norm gains; a zero padding embedding."""
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if param.dim() == 2:
+                scale = (
+                    math.sqrt(2 * self.config.num_blocks)
+                    if name.endswith(("attn.out.weight", "mlp.down.weight"))
+                    else 1
+                )
+                nn.init.normal_(param, mean=0.0, std=std / scale)
+            else:
+                nn.init.ones_(param)
+        with torch.no_grad():
+            self.embed.weight[self.config.pad_idx].zero_()
+
+    def features(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, emb_dim), before the head. With a cache, the
+        tokens continue the cached positions and the cache advances by T."""
+        if input_ids.dim() != 2:
+            raise KimbhoError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        start = cache.length if cache is not None else 0
+        limit = min(self.config.max_seq_len, cache.max_len) if cache is not None else self.config.max_seq_len
+        if start + T > limit:
+            raise KimbhoError(f"sequence of {start + T} tokens is longer than the model's context of {limit}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hd)
+        x = self.embed(input_ids)  # (B, T, emb)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.head(self.features(input_ids, cache))
+
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens."""
+        max_len = max_len or self.config.max_seq_len
+        weight = self.embed.weight
+        shape = (self.config.num_blocks, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim)
+        dtype = dtype or weight.dtype
+        return KVCache(
+            torch.zeros(shape, dtype=dtype, device=weight.device),
+            torch.zeros(shape, dtype=dtype, device=weight.device),
+        )
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; `non_embedding=True` leaves out the input embedding table (a lookup,
+        not a matrix product) unless it is tied to the head, where it does a product's work."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_embeddings:
+            total -= self.embed.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N for the matrix products
+        plus 12 * layers * emb_dim * seq_len for attention scores and weighted values."""
+        cfg = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.num_blocks * cfg.emb_dim * seq_len
+
+
+class DecoderLanguageModel(KimbhoV1Model):
+    """The seed README's class, with its positional signature."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        emb_dim: int,
+        num_heads: int,
+        num_blocks: int,
+        pad_idx: int,
+        group_size: int = 4,
+        rope_base: float = 10000.0,
+        **fields: object,
+    ) -> None:
+        config = KimbhoConfig(
+            vocab_size=vocab_size,
+            emb_dim=emb_dim,
+            num_heads=num_heads,
+            num_blocks=num_blocks,
+            pad_idx=pad_idx,
+            group_size=group_size,
+            rope_base=rope_base,
+            **fields,  # type: ignore[arg-type]
+        )
+        super().__init__(config)

@@ -1,0 +1,130 @@
+"""Byte-level BPE tokenizer: a thin, typed wrapper around Hugging Face `tokenizers`.
+
+Byte-level means every string, in any script, round-trips exactly: text is split with the GPT-2
+pre-tokenizer pattern, mapped to bytes, and merged; decoding reverses it. Special tokens sit at
+fixed ids so a model and its data agree without looking: `<|pad|>` = 0 (the seed's `pad_idx`),
+`<|endoftext|>` = 1 (between documents), then the chat role markers. Special tokens are never
+produced from text: a document that contains the literal string "<|endoftext|>" is encoded as
+ordinary text, so user data cannot forge a document boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .errors import KimbhoError
+
+PAD = "<|pad|>"
+EOT = "<|endoftext|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (PAD, EOT, *ROLE_TOKENS)
+_EOT_NAMES = (EOT, "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")  # end-of-text in imported tokenizers
+_PAD_NAMES = (PAD, "<pad>", "<|finetune_right_pad_id|>")
+
+
+class Tokenizer:
+    """Text <-> token ids. `encode` adds no special tokens; `decode` returns exactly the text."""
+
+    def __init__(self, inner: HFTokenizer) -> None:
+        self.inner = inner
+        # Special-token strings inside the text are encoded as plain text (see module docstring).
+        self.inner.encode_special_tokens = True
+        vocab = inner.get_vocab(with_added_tokens=True)
+        self.eot_id: int | None = next((vocab[t] for t in _EOT_NAMES if t in vocab), None)
+        self.pad_id: int | None = next((vocab[t] for t in _PAD_NAMES if t in vocab), None)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise KimbhoError(
+                f"tokenizer file {path} does not exist; train one with `kimbho tokenizer train`"
+            )
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise KimbhoError(
+                f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0][:120]})"
+            ) from None
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+        """Train byte-level BPE on `texts` (streamed) for a vocabulary of at most `vocab_size`
+        (a small corpus may support fewer merges; `vocab_size` of the result tells)."""
+        minimum = 256 + len(SPECIAL_TOKENS)
+        if vocab_size < minimum:
+            raise KimbhoError(
+                f"vocab size {vocab_size} is too small: byte-level BPE needs at least {minimum}"
+            )
+        inner = HFTokenizer(models.BPE())
+        inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        inner.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        seen = _CountingIterator(texts)
+        inner.train_from_iterator(seen, trainer=trainer)
+        if seen.characters == 0:
+            raise KimbhoError("cannot train a tokenizer on an empty corpus: the input holds no text")
+        return cls(inner)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write tokenizer.json atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+    def to_json(self) -> str:
+        return self.inner.to_str()
+
+    @property
+    def sha256(self) -> str:
+        """Fingerprint of the vocabulary and merges, so data and checkpoints can check they agree."""
+        canonical = json.dumps(json.loads(self.to_json()), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once (in parallel, in Rust)."""
+        return [e.ids for e in self.inner.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.inner.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def special_tokens(self) -> set[str]:
+        return {t.content for t in self.inner.get_added_tokens_decoder().values() if t.special}
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.inner.token_to_id(token)
+
+
+class _CountingIterator(Iterator[str]):
+    """Passes texts through while counting characters, to detect an empty corpus."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self._texts = iter(texts)
+        self.characters = 0
+
+    def __next__(self) -> str:
+        text = next(self._texts)
+        self.characters += len(text)
+        return text

@@ -1,0 +1,81 @@
+"""Shared tiny fixtures. Everything is built from the built-in corpus (CPython's docs), so tests
+need no network and nothing outside the repository."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kimbho
+from kimbho.cli import main as cli_main
+from kimbho.config import KimbhoConfig, RunConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in corpus prepared with a 512-token tokenizer."""
+    out = tmp_path_factory.mktemp("data") / "docs"
+    kimbho.prepare(None, out, vocab_size=512)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(data_dir: Path) -> kimbho.Tokenizer:
+    return kimbho.Tokenizer.from_file(data_dir / "tokenizer.json")
+
+
+def tiny_run_config(**train: object) -> RunConfig:
+    """The `tiny` preset (2 query heads per K/V head) with a short, quiet training schedule."""
+    defaults: dict[str, object] = dict(
+        batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=5,
+        max_steps=40,
+        log_every=5,
+        eval_every=20,
+        eval_tokens=2048,
+        save_every=20,
+        sample_tokens=8,
+        seed=0,
+    )
+    return RunConfig(KimbhoConfig.from_preset("tiny"), TrainConfig(**{**defaults, **train}))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory trained for 120 steps: enough for loss to fall well below chance."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    kimbho.Trainer(
+        tiny_run_config(max_steps=120, eval_every=60, save_every=60), data_dir, out, progress_bar=False
+    ).fit()
+    return out
+
+
+@pytest.fixture
+def tiny_model() -> kimbho.KimbhoV1Model:
+    torch.manual_seed(0)
+    return kimbho.KimbhoV1Model(KimbhoConfig.from_preset("tiny")).eval()
+
+
+def run_cli(*args: str) -> int:
+    """Run the `kimbho` command in this process (fast); returns its exit status."""
+    return cli_main([str(a) for a in args])
+
+
+def run_subprocess(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run `python -m kimbho ...` as a user would, capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", "kimbho", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        **kwargs,
+    )
