@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from ..errors import KimbhoError
 
@@ -38,6 +39,22 @@ def require_server_dependencies() -> None:
         ) from None
 
 
+def build_app(model_path: str | os.PathLike[str], api_key: str | None = None, **options: object) -> Any:
+    """The FastAPI application serving `model_path` (run, checkpoint or Hugging Face directory).
+    `api_key` defaults to $KIMBHO_API_KEY; `options` are `ServerOptions` fields (model_name,
+    slots, max_queue, timeout, max_body_bytes, max_len)."""
+    require_server_dependencies()
+    from ..chat import ChatFormat
+    from ..checkpoint import load, resolve_checkpoint
+    from .app import ServerOptions, create_app
+
+    model, tokenizer = load(model_path)
+    chat = ChatFormat.for_model(tokenizer, resolve_checkpoint(model_path))
+    options["model_name"] = options.get("model_name") or Path(model_path).resolve().name
+    options["api_key"] = api_key or os.environ.get(API_KEY_ENV) or None
+    return create_app(model, tokenizer, ServerOptions(**options), chat)  # type: ignore[arg-type]
+
+
 def serve(
     model_path: str | os.PathLike[str],
     host: str = "127.0.0.1",
@@ -45,28 +62,17 @@ def serve(
     api_key: str | None = None,
     **options: object,
 ) -> None:
-    """Load `model_path` and serve it until interrupted. `api_key` defaults to $KIMBHO_API_KEY;
-    `options` are `ServerOptions` fields (slots, max_queue, timeout, max_body_bytes, max_len,
-    model_name)."""
-    require_server_dependencies()
+    """Serve `model_path` on host:port until interrupted; see `build_app` for the rest."""
+    app = build_app(model_path, api_key, **options)
     import uvicorn
 
-    from ..chat import ChatFormat
-    from ..checkpoint import load, resolve_checkpoint
-    from .app import ServerOptions, create_app
-
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    model, tokenizer = load(model_path)
-    chat = ChatFormat.for_model(tokenizer, resolve_checkpoint(model_path))
-    name = str(options.pop("model_name", None) or Path(model_path).resolve().name)
-    app = create_app(model, tokenizer, ServerOptions(model_name=name, api_key=api_key, **options), chat)  # type: ignore[arg-type]
-    if not api_key and not _is_loopback(host):
+    settings, chat = app.state.options, app.state.chat
+    if not settings.api_key and not _is_loopback(host):
         log.warning(f"serving on {host} without an API key: anyone who can reach it can use it (--api-key)")
     sock = listen(host, port)
-    port = sock.getsockname()[1]
     log.info(
-        f"serving {name} on http://{host}:{port} (playground at /, API at /v1; "
-        f"{'API key required' if api_key else 'no API key'}; chat: "
+        f"serving {settings.model_name} on http://{host}:{sock.getsockname()[1]} (playground at /, API at /v1; "
+        f"{'API key required' if settings.api_key else 'no API key'}; chat format: "
         f"{'none' if chat is None else 'chat_template' if chat.template else 'role tokens'})"
     )
     uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])

@@ -41,7 +41,7 @@ from ..errors import KimbhoError
 from ..model import KimbhoV1Model
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
-from .protocol import ChatCompletionRequest, CompletionRequest, _Sampling, error_body
+from .protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
 from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("kimbho")
@@ -61,6 +61,14 @@ class ServerOptions:
     timeout: float = 600.0
     max_body_bytes: int = 2 * 1024 * 1024
     max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0:
+            raise KimbhoError(f"max_queue must be >= 0, got {self.max_queue}")
+        if not self.timeout > 0:
+            raise KimbhoError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.max_body_bytes < 1:
+            raise KimbhoError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
 
 
 class APIError(Exception):
@@ -98,7 +106,7 @@ def create_app(
         version=_version(),
         lifespan=lifespan,
     )
-    app.state.worker = worker
+    app.state.worker, app.state.options, app.state.chat = worker, options, chat_format
     app.add_middleware(_Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -176,7 +184,8 @@ class _Service:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self.check_model(body.model)
         prompts = self._prompt_ids(body.prompt)
-        requests = [self._engine_request(body, ids, body.max_tokens, body.logprobs) for ids in prompts]
+        max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
+        requests = [self._engine_request(body, ids, max_tokens, body.logprobs) for ids in prompts]
         job = self._submit(requests)
         kind = {"object": "text_completion", "id": f"cmpl-{uuid.uuid4().hex}"}
         echo = [self.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
@@ -261,11 +270,10 @@ class _Service:
         self,
         body: _Sampling,
         ids: list[int],
-        max_tokens: int | None,
+        max_tokens: int,
         logprobs: int | None,
         stop_ids: tuple[int, ...] | None = None,
     ) -> EngineRequest:
-        assert max_tokens is not None  # the protocol's default is 16
         if len(ids) + max_tokens > self.engine.max_len:
             raise APIError(
                 400,

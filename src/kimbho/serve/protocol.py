@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 MAX_PROMPTS = 128  # prompts in one completions request
 MAX_STOPS = 16
 MAX_LOGPROBS = 20
+DEFAULT_MAX_TOKENS = 16  # OpenAI's, for completions (null means it too)
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None
@@ -59,7 +60,7 @@ class CompletionRequest(_Sampling):
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     ) = Field(description="a string, a list of strings, a list of token ids, or a list of those")
-    max_tokens: int | None = Field(16, ge=1, description="new tokens at most (OpenAI's default: 16)")
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, description="new tokens at most (default 16)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probs of the k likeliest tokens")
     echo: bool = False
 
