@@ -40,9 +40,8 @@ class ChatFormat:
         self.stop_token_ids = tuple(sorted({vocab[name] for name in _EOT_NAMES if name in vocab}))
         if template is not None:
             from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env = _sandbox()
             env.globals["raise_exception"] = _raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             env.filters["tojson"] = _tojson
@@ -124,6 +123,19 @@ def read_chat_template(model_dir: Path) -> str | None:
     if template is not None and not isinstance(template, str):
         raise KimbhoError(f"{config}: chat_template must be a string or a list of named templates")
     return template
+
+
+def _sandbox() -> Any:
+    """Jinja's immutable sandbox, made strict: reaching for an unsafe attribute (`__class__`,
+    `__globals__`, ...) fails the render instead of quietly printing nothing, so a hostile
+    template is refused rather than half-rendered."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class StrictSandbox(ImmutableSandboxedEnvironment):
+        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    return StrictSandbox(trim_blocks=True, lstrip_blocks=True)
 
 
 def _raise_exception(message: str) -> None:
