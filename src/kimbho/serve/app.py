@@ -41,7 +41,7 @@ from ..errors import KimbhoError
 from ..model import KimbhoV1Model
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
-from .protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
+from .protocol import DEFAULT_MAX_TOKENS, GREEDY_BELOW, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
 from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("kimbho")
@@ -107,6 +107,17 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.worker, app.state.options, app.state.chat = worker, options, chat_format
+
+    def openapi() -> dict[str, Any]:
+        """The generated schema, with `model` narrowed to the one model served here."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                field = schema["components"]["schemas"][name]["properties"]["model"]
+                field["anyOf"] = [{"type": "string", "enum": [options.model_name]}, {"type": "null"}]
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(_Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -288,7 +299,7 @@ class _Service:
             raise APIError(400, "stop strings must not be empty", "stop")
         eot = self.tokenizer.eot_id
         params = SamplingParams(
-            temperature=body.temperature,
+            temperature=body.temperature if body.temperature >= GREEDY_BELOW else 0.0,
             top_k=body.top_k or None,
             top_p=body.top_p,
             min_p=body.min_p or None,

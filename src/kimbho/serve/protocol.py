@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 MAX_PROMPTS = 128  # prompts in one completions request
 MAX_STOPS = 16
 MAX_LOGPROBS = 20
+# Below this a temperature is greedy, as in vLLM: logits divided by a denormal temperature overflow.
+GREEDY_BELOW = 1e-5
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, for completions (null means it too)
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
@@ -40,7 +42,8 @@ class _Sampling(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="CTRL's; 1 is off")
+    # Bounded away from 0: dividing logits by a denormal penalty gives infinities (found by the fuzzer).
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="CTRL's; 1 is off")
     stop: Stop = Field(None, description="up to 16 strings that end the text (not included)")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="same seed, same text")
     n: int = Field(1, ge=1, description="choices per prompt")
