@@ -135,6 +135,11 @@ def create_app(
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), None, kind), exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:  # never a user's mistake: logged
+        log.error("request failed", exc_info=exc)
+        return JSONResponse(error_body(f"internal error: {exc}", None, "server_error"), status_code=500)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -394,6 +399,8 @@ class _Service:
                     yield event({**kind, "created": created, "model": self.options.model_name, "choices": [choice(p, e, first)]})
             except APIError as e:  # the timeout: headers are sent, so the error goes in the stream
                 yield event(error_body(e.message, e.param, e.type))
+            except Exception as e:  # a failure of the worker (a bug): reported in the stream too
+                yield event(error_body(f"generation failed: {e}", None, "server_error"))
             finally:
                 await events.aclose()
             if include_usage:
@@ -421,7 +428,10 @@ class _Service:
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
     def _token_text(self, token: int) -> tuple[str, list[int]]:
-        raw = self.token_bytes[token] if self.token_bytes is not None else self.tokenizer.decode([token]).encode()
+        if self.token_bytes is not None:
+            raw = self.token_bytes[token] if token < len(self.token_bytes) else b""
+        else:
+            raw = self.tokenizer.decode([token]).encode()
         return raw.decode("utf-8", errors="replace"), list(raw)
 
     def _completion_logprobs(self, events: list[TokenEvent]) -> dict[str, Any]:
