@@ -59,7 +59,10 @@ def _serve(sock: socket.socket, model: str | None, preset: str, slots: int) -> N
     else:
         model_, tokenizer = _random_model(preset)
         app = create_app(
-            model_, tokenizer, ServerOptions(model_name="bench", slots=slots, max_queue=1024), ChatFormat(tokenizer)
+            model_,
+            tokenizer,
+            ServerOptions(model_name="bench", slots=slots, max_queue=1024),
+            ChatFormat(tokenizer),
         )
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
@@ -145,7 +148,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", nargs="?", help="run, checkpoint or Hugging Face directory")
     parser.add_argument("--preset", default="small", help="without MODEL: random weights of this preset")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
@@ -179,7 +184,9 @@ def main() -> None:
         f"streamed; {args.seconds:g} s per level; torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print()
-    print("| clients | requests | tokens | tokens/s | vs 1 client | latency p50 | latency p99 | first token p50 | errors |")
+    print(
+        "| clients | requests | tokens | tokens/s | vs 1 client | latency p50 | latency p99 | first token p50 | errors |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     base = None
     try:

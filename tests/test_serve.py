@@ -88,7 +88,9 @@ def test_openai_client_chat(client, tokenizer) -> None:  # type: ignore[no-untyp
 
 def test_openai_client_streaming(client) -> None:  # type: ignore[no-untyped-def]
     whole = client.completions.create(model="tiny", prompt="Classes", max_tokens=16, temperature=0)
-    chunks = list(client.completions.create(model="tiny", prompt="Classes", max_tokens=16, temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(model="tiny", prompt="Classes", max_tokens=16, temperature=0, stream=True)
+    )
     assert len(chunks) > 1  # token by token, not one piece
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -133,7 +135,12 @@ def test_n_and_seed_reproducibility(client) -> None:  # type: ignore[no-untyped-
     assert len(set(first)) > 1  # the n samples are independent draws
     chat = [
         client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=1, seed=3, n=2
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=8,
+            temperature=1,
+            seed=3,
+            n=2,
         )
         for _ in range(2)
     ]
@@ -146,19 +153,25 @@ def test_prompt_shapes(server, tokenizer) -> None:  # type: ignore[no-untyped-de
     by_text = httpx.post(url, json={"prompt": "while loops", "max_tokens": 6, "temperature": 0}).json()
     by_ids = httpx.post(url, json={"prompt": ids, "max_tokens": 6, "temperature": 0}).json()
     assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
-    several = httpx.post(url, json={"prompt": ["while loops", "x"], "max_tokens": 6, "temperature": 0, "n": 2}).json()
+    several = httpx.post(
+        url, json={"prompt": ["while loops", "x"], "max_tokens": 6, "temperature": 0, "n": 2}
+    ).json()
     assert [c["index"] for c in several["choices"]] == [0, 1, 2, 3]  # prompt i, sample j -> i * n + j
     assert several["choices"][0]["text"] == by_text["choices"][0]["text"]
     lists = httpx.post(url, json={"prompt": [ids, [5, 6]], "max_tokens": 6, "temperature": 0}).json()
     assert lists["choices"][0]["text"] == by_text["choices"][0]["text"] and len(lists["choices"]) == 2
     assert lists["usage"]["prompt_tokens"] == len(ids) + 2
-    echo = httpx.post(url, json={"prompt": "while loops", "max_tokens": 6, "temperature": 0, "echo": True}).json()
+    echo = httpx.post(
+        url, json={"prompt": "while loops", "max_tokens": 6, "temperature": 0, "echo": True}
+    ).json()
     assert echo["choices"][0]["text"] == "while loops" + by_text["choices"][0]["text"]
 
 
 def test_stop_strings_and_logprobs(server, tokenizer) -> None:  # type: ignore[no-untyped-def]
     url = server[0] + "/v1/completions"
-    full = httpx.post(url, json={"prompt": "a", "max_tokens": 20, "temperature": 0}).json()["choices"][0]["text"]
+    full = httpx.post(url, json={"prompt": "a", "max_tokens": 20, "temperature": 0}).json()["choices"][0][
+        "text"
+    ]
     stop = full[5:7]
     cut = httpx.post(url, json={"prompt": "a", "max_tokens": 20, "temperature": 0, "stop": [stop]}).json()
     assert cut["choices"][0]["text"] == full[: full.index(stop)]
@@ -169,10 +182,18 @@ def test_stop_strings_and_logprobs(server, tokenizer) -> None:  # type: ignore[n
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
     assert all(len(top) == 3 for top in lp["top_logprobs"])
     # greedy: the chosen token is the likeliest one
-    assert all(abs(max(top.values()) - chosen) < 1e-5 for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    assert all(
+        abs(max(top.values()) - chosen) < 1e-5
+        for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"], strict=True)
+    )
     chat = httpx.post(
         server[0] + "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "logprobs": True, "top_logprobs": 2},
+        json={
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 4,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
     ).json()
     entries = chat["choices"][0]["logprobs"]["content"]
     assert len(entries) == chat["usage"]["completion_tokens"]
@@ -191,7 +212,13 @@ BAD_REQUESTS = [
     ("max_tokens zero", COMPLETIONS, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("negative max_tokens", COMPLETIONS, {"prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
     ("huge max_tokens", COMPLETIONS, {"prompt": "x", "max_tokens": 10**12}, 400, "max_tokens"),
-    ("prompt + max_tokens over the context", COMPLETIONS, {"prompt": [3] * 60, "max_tokens": 10}, 400, "max_tokens"),
+    (
+        "prompt + max_tokens over the context",
+        COMPLETIONS,
+        {"prompt": [3] * 60, "max_tokens": 10},
+        400,
+        "max_tokens",
+    ),
     ("chat max_tokens over the context", CHAT, {"messages": MSG, "max_tokens": 500}, 400, "max_tokens"),
     ("negative temperature", COMPLETIONS, {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
     ("NaN temperature", COMPLETIONS, '{"prompt": "x", "temperature": NaN}', 400, "temperature"),
@@ -199,8 +226,20 @@ BAD_REQUESTS = [
     ("top_p above one", COMPLETIONS, {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ("negative top_k", COMPLETIONS, {"prompt": "x", "top_k": -1}, 400, "top_k"),
     ("min_p above one", COMPLETIONS, {"prompt": "x", "min_p": 2}, 400, "min_p"),
-    ("presence_penalty out of range", COMPLETIONS, {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
-    ("frequency_penalty out of range", CHAT, {"messages": MSG, "frequency_penalty": -2.5}, 400, "frequency_penalty"),
+    (
+        "presence_penalty out of range",
+        COMPLETIONS,
+        {"prompt": "x", "presence_penalty": 3},
+        400,
+        "presence_penalty",
+    ),
+    (
+        "frequency_penalty out of range",
+        CHAT,
+        {"messages": MSG, "frequency_penalty": -2.5},
+        400,
+        "frequency_penalty",
+    ),
     ("n zero", COMPLETIONS, {"prompt": "x", "n": 0}, 400, "n"),
     ("n over the slots", COMPLETIONS, {"prompt": "x", "n": 99}, 400, "n"),
     ("logprobs over 20", COMPLETIONS, {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
@@ -228,7 +267,9 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(("what", "route", "body", "status", "param"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("what", "route", "body", "status", "param"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
 def test_bad_request(server, what, route, body, status, param) -> None:  # type: ignore[no-untyped-def]
     content = body if isinstance(body, str) else json.dumps(body)
     r = httpx.post(server[0] + route, content=content, headers={"Content-Type": "application/json"})
@@ -248,7 +289,9 @@ def test_bad_request_through_the_openai_client(client) -> None:  # type: ignore[
 
 def test_wrong_content_type_and_unknown_routes(server) -> None:  # type: ignore[no-untyped-def]
     # A body that is not declared JSON is refused (a browser page cannot post one without a CORS preflight)
-    r = httpx.post(server[0] + COMPLETIONS, content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})
+    r = httpx.post(
+        server[0] + COMPLETIONS, content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"}
+    )
     assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
     assert httpx.get(server[0] + "/v1/nothing").status_code == 404
     assert httpx.get(server[0] + COMPLETIONS).status_code == 405
@@ -277,20 +320,38 @@ def test_oversized_body(tokenizer) -> None:  # type: ignore[no-untyped-def]
 def test_api_key_guards_every_route_but_health(tokenizer) -> None:  # type: ignore[no-untyped-def]
     app = _app(tokenizer, api_key=KEY)
     routes = {(m, r.path) for r in app.routes for m in getattr(r, "methods", ()) if m in ("GET", "POST")}
-    assert {("GET", "/"), ("GET", "/v1/models"), ("POST", COMPLETIONS), ("POST", CHAT), ("GET", "/health")} <= routes
+    assert {
+        ("GET", "/"),
+        ("GET", "/v1/models"),
+        ("POST", COMPLETIONS),
+        ("POST", CHAT),
+        ("GET", "/health"),
+    } <= routes
     assert ("GET", "/openapi.json") in routes and ("GET", "/docs") in routes
     body = {"prompt": "x", "max_tokens": 2, "messages": MSG}
     with running_server(app) as url:
         for method, path in sorted(routes):
             path = path.replace("{model_id}", "tiny")
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"X-Api-Key": KEY}):
-                r = httpx.request(method, url + path, headers=headers, json=body if method == "POST" else None)
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": KEY},
+                {"X-Api-Key": KEY},
+            ):
+                r = httpx.request(
+                    method, url + path, headers=headers, json=body if method == "POST" else None
+                )
                 if path == "/health":
                     assert r.status_code == 200
                 else:
                     assert r.status_code == 401, (method, path, headers)
                     assert r.json()["error"]["type"] == "authentication_error"
-            r = httpx.request(method, url + path, headers={"Authorization": f"Bearer {KEY}"}, json=body if method == "POST" else None)
+            r = httpx.request(
+                method,
+                url + path,
+                headers={"Authorization": f"Bearer {KEY}"},
+                json=body if method == "POST" else None,
+            )
             assert r.status_code == 200, (method, path, r.text)
         assert httpx.get(url + "/no-such-route").status_code == 401  # unknown paths too: nothing leaks
         assert httpx.get(url + "/", auth=("anyone", KEY)).status_code == 200  # a browser's login prompt
@@ -369,7 +430,9 @@ def test_concurrent_requests_are_batched(tokenizer) -> None:  # type: ignore[no-
                 body = {"prompt": "The", "max_tokens": 20, "temperature": 0}
                 tasks = [asyncio.create_task(http.post(COMPLETIONS, json=body)) for _ in range(8)]
                 # all eight submitted while the engine is held at its first step
-                await asyncio.to_thread(_wait_for, lambda: worker.stats.jobs == 8 and gate.steps == 1, "8 requests")
+                await asyncio.to_thread(
+                    _wait_for, lambda: worker.stats.jobs == 8 and gate.steps == 1, "8 requests"
+                )
                 gate.open()
                 return [(await t).json() for t in tasks]
 
@@ -427,7 +490,9 @@ def test_disconnect_stops_generation_and_frees_the_slot(tokenizer) -> None:  # t
             assert next(lines).startswith("data: ")  # the first token arrived; now hang up
         assert cancelled.wait(20), "the server did not notice the disconnect"
         gate.open()
-        _wait_for(lambda: worker.engine.free_slots == 1 and worker.stats.cancelled == 1, "the slot to be freed")
+        _wait_for(
+            lambda: worker.engine.free_slots == 1 and worker.stats.cancelled == 1, "the slot to be freed"
+        )
         assert worker.stats.tokens < 60  # generation stopped early
         ok = httpx.post(url + COMPLETIONS, json={"prompt": "x", "max_tokens": 3}, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
@@ -443,5 +508,7 @@ def test_request_timeout(tokenizer) -> None:  # type: ignore[no-untyped-def]
         gate.open()
         _wait_for(lambda: worker.engine.free_slots == 1, "the slot to be freed")
         assert worker.stats.cancelled == 1
-        stream = httpx.post(url + COMPLETIONS, json={"prompt": "x", "max_tokens": 5, "stream": True}, timeout=60)
+        stream = httpx.post(
+            url + COMPLETIONS, json={"prompt": "x", "max_tokens": 5, "stream": True}, timeout=60
+        )
         assert stream.status_code == 200 and stream.text.endswith("data: [DONE]\n\n")

@@ -35,7 +35,12 @@ def api(tokenizer: kimbho.Tokenizer) -> Iterator[tuple[str, object]]:
 def test_no_server_errors(api, mode) -> None:  # type: ignore[no-untyped-def]
     url, schema = api
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+    assert {op.path for op in operations} >= {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+    }
     if mode == GenerationMode.NEGATIVE:  # an operation that takes no input has no invalid input
         operations = [op for op in operations if len(op.body)]
     statuses: dict[int, int] = {}
@@ -56,5 +61,9 @@ def test_no_server_errors(api, mode) -> None:  # type: ignore[no-untyped-def]
         fuzz()
     assert all(status < 500 for status in statuses)
     # both kinds of request were really made: successes for valid ones, 4xx for invalid ones
-    assert any(200 <= s < 300 for s in statuses) if mode == GenerationMode.POSITIVE else any(400 <= s < 500 for s in statuses)
+    assert (
+        any(200 <= s < 300 for s in statuses)
+        if mode == GenerationMode.POSITIVE
+        else any(400 <= s < 500 for s in statuses)
+    )
     print(f"schemathesis {mode.value}: responses by status {dict(sorted(statuses.items()))}")

@@ -133,7 +133,9 @@ def _sandbox() -> Any:
 
     class StrictSandbox(ImmutableSandboxedEnvironment):
         def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+            raise SecurityError(
+                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+            )
 
     return StrictSandbox(trim_blocks=True, lstrip_blocks=True)
 

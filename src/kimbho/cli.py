@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "model", metavar="MODEL", help="run directory, checkpoint directory or Hugging Face directory"
     )
-    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)"
+    )
     srv.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
     srv.add_argument(
         "--api-key",
@@ -263,16 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' on every route but /health (default: $KIMBHO_API_KEY)",
     )
-    srv.add_argument("--model-name", default=None, metavar="NAME", help="model id in the API (default: MODEL's folder name)")
-    srv.add_argument("--slots", type=int, default=8, metavar="N", help="sequences decoded together (default 8)")
     srv.add_argument(
-        "--max-queue", type=int, default=64, metavar="N", help="requests waiting for a slot before 429 (default 64)"
+        "--model-name",
+        default=None,
+        metavar="NAME",
+        help="model id in the API (default: MODEL's folder name)",
+    )
+    srv.add_argument(
+        "--slots", type=int, default=8, metavar="N", help="sequences decoded together (default 8)"
+    )
+    srv.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting for a slot before 429 (default 64)",
     )
     srv.add_argument(
         "--timeout", type=float, default=600.0, metavar="S", help="seconds a request may take (default 600)"
     )
     srv.add_argument(
-        "--max-len", type=int, default=None, metavar="N", help="tokens per slot, prompt + output (default: the context)"
+        "--max-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per slot, prompt + output (default: the context)",
     )
     srv.set_defaults(func=cmd_serve)
 

@@ -36,12 +36,20 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..chat import ChatFormat
-from ..engine import Engine, Request as EngineRequest, TokenEvent
+from ..engine import Engine, TokenEvent
+from ..engine import Request as EngineRequest
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
-from .protocol import DEFAULT_MAX_TOKENS, GREEDY_BELOW, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
+from .protocol import (
+    DEFAULT_MAX_TOKENS,
+    GREEDY_BELOW,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _Sampling,
+    error_body,
+)
 from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("kimbho")
@@ -74,7 +82,9 @@ class ServerOptions:
 class APIError(Exception):
     """A request the server refuses: becomes OpenAI's error object with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error"
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type
 
@@ -192,7 +202,9 @@ class _Service:
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.options.model_name:
             raise APIError(
-                404, f"model {name!r} is not served here; this server serves {self.options.model_name!r}", "model"
+                404,
+                f"model {name!r} is not served here; this server serves {self.options.model_name!r}",
+                "model",
             )
 
     # Completions.
@@ -212,9 +224,15 @@ class _Service:
             return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         if body.stream:
-            return self._sse(job, body, requests, kind, lambda p, e, first: choice(
-                p * n + e.index, (echo[p] if first else "") + e.text, [e], e.finish_reason
-            ))
+            return self._sse(
+                job,
+                body,
+                requests,
+                kind,
+                lambda p, e, first: choice(
+                    p * n + e.index, (echo[p] if first else "") + e.text, [e], e.finish_reason
+                ),
+            )
         outputs = await self._collect(job, requests, request)
         choices = [
             choice(p * n + i, echo[p] + "".join(e.text for e in events), events, events[-1].finish_reason)
@@ -228,10 +246,17 @@ class _Service:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         self.check_model(body.model)
         if self.chat_format is None:
-            raise APIError(400, "this model has no chat format (no role tokens, no chat_template): use /v1/completions", "messages")
+            raise APIError(
+                400,
+                "this model has no chat format (no role tokens, no chat_template): use /v1/completions",
+                "messages",
+            )
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
         try:
             ids = self.chat_format.encode(messages)
         except KimbhoError as e:
@@ -248,9 +273,16 @@ class _Service:
             kind["object"] = "chat.completion.chunk"
 
             def chunk(p: int, e: TokenEvent, first: bool) -> dict[str, Any]:
-                delta: dict[str, Any] = {"role": "assistant", "content": e.text} if first else {"content": e.text}
+                delta: dict[str, Any] = (
+                    {"role": "assistant", "content": e.text} if first else {"content": e.text}
+                )
                 logprobs = {"content": self._chat_logprobs([e])} if body.logprobs else None
-                return {"index": e.index, "delta": delta, "logprobs": logprobs, "finish_reason": e.finish_reason}
+                return {
+                    "index": e.index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": e.finish_reason,
+                }
 
             return self._sse(job, body, [request_], kind, chunk)
         outputs = await self._collect(job, [request_], request)
@@ -278,7 +310,11 @@ class _Service:
                 p = self.tokenizer.encode(p)
             bad = next((t for t in p if not 0 <= t < self.vocab), None)
             if bad is not None:
-                raise APIError(400, f"token id {bad} is outside the model's vocabulary of {self.vocab} (0..{self.vocab - 1})", "prompt")
+                raise APIError(
+                    400,
+                    f"token id {bad} is outside the model's vocabulary of {self.vocab} (0..{self.vocab - 1})",
+                    "prompt",
+                )
             out.append(p)
         return out
 
@@ -344,7 +380,10 @@ class _Service:
                     item = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0))
                 except asyncio.TimeoutError:
                     raise APIError(
-                        408, f"the request took longer than the server's timeout of {self.options.timeout:g} s", None, "timeout"
+                        408,
+                        f"the request took longer than the server's timeout of {self.options.timeout:g} s",
+                        None,
+                        "timeout",
                     ) from None
                 if isinstance(item, BaseException):
                     raise item
@@ -355,7 +394,9 @@ class _Service:
             if remaining:
                 self.worker.cancel(job)
 
-    async def _collect(self, job: Job, requests: list[EngineRequest], request: Request) -> list[list[list[TokenEvent]]]:
+    async def _collect(
+        self, job: Job, requests: list[EngineRequest], request: Request
+    ) -> list[list[list[TokenEvent]]]:
         """Every event, per prompt and sample. A client that hangs up stops the generation."""
         outputs: list[list[list[TokenEvent]]] = [[[] for _ in range(r.n)] for r in requests]
         checked = time.monotonic()
@@ -396,7 +437,14 @@ class _Service:
                     generated += 1
                     first = (p, e.index) not in started
                     started.add((p, e.index))
-                    yield event({**kind, "created": created, "model": self.options.model_name, "choices": [choice(p, e, first)]})
+                    yield event(
+                        {
+                            **kind,
+                            "created": created,
+                            "model": self.options.model_name,
+                            "choices": [choice(p, e, first)],
+                        }
+                    )
             except APIError as e:  # the timeout: headers are sent, so the error goes in the stream
                 yield event(error_body(e.message, e.param, e.type))
             except Exception as e:  # a failure of the worker (a bug): reported in the stream too
@@ -405,13 +453,27 @@ class _Service:
                 await events.aclose()
             if include_usage:
                 usage = self._usage(requests, generated)
-                yield event({**kind, "created": created, "model": self.options.model_name, "choices": [], "usage": usage})
+                yield event(
+                    {
+                        **kind,
+                        "created": created,
+                        "model": self.options.model_name,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     def _response(
-        self, kind: dict[str, str], choices: list[dict[str, Any]], requests: list[EngineRequest], outputs: list[list[list[TokenEvent]]]
+        self,
+        kind: dict[str, str],
+        choices: list[dict[str, Any]],
+        requests: list[EngineRequest],
+        outputs: list[list[list[TokenEvent]]],
     ) -> dict[str, Any]:
         generated = sum(len(events) for samples in outputs for events in samples)
         return {
@@ -474,7 +536,9 @@ class _Guard:
         if self.api_key is not None and scope["path"] != "/health" and not self._authorized(scope):
             headers = {"WWW-Authenticate": 'Basic realm="kimbho"' if scope["path"] == "/" else "Bearer"}
             message = "a valid API key is required: send the header Authorization: Bearer KEY"
-            response = JSONResponse(error_body(message, None, "authentication_error", "invalid_api_key"), 401, headers)
+            response = JSONResponse(
+                error_body(message, None, "authentication_error", "invalid_api_key"), 401, headers
+            )
             await response(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -483,7 +547,8 @@ class _Guard:
         except ValueError:
             declared = 0
         too_large = JSONResponse(
-            error_body(f"the request body is larger than the server's limit of {self.max_body_bytes} bytes"), 413
+            error_body(f"the request body is larger than the server's limit of {self.max_body_bytes} bytes"),
+            413,
         )
         if declared > self.max_body_bytes:
             await too_large(scope, receive, send)
@@ -517,7 +582,9 @@ class _Guard:
     def _authorized(self, scope: Scope) -> bool:
         value = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, credentials = value.partition(b" ")
-        if scheme.lower() == b"basic":  # a browser's login prompt for the playground: any user, the key as password
+        if (
+            scheme.lower() == b"basic"
+        ):  # a browser's login prompt for the playground: any user, the key as password
             try:
                 credentials = base64.b64decode(credentials, validate=True).partition(b":")[2]
             except (binascii.Error, ValueError):
@@ -535,7 +602,11 @@ def _describe_validation_error(errors: Any) -> tuple[int, str, str | None]:
     loc = [x for x in e.get("loc", ()) if x != "body"]
     kind = e.get("type")
     if kind == "json_invalid":
-        return 400, f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})", None
+        return (
+            400,
+            f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})",
+            None,
+        )
     if not loc and isinstance(e.get("input"), bytes):  # a body sent without Content-Type: application/json
         return 415, "send the request body as JSON, with the header Content-Type: application/json", None
     if not loc:

@@ -35,7 +35,9 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
 
     model: str | None = Field(None, description="the served model's id (see /v1/models); optional")
-    max_tokens: int | None = Field(None, ge=1, description="new tokens at most; prompt + max_tokens must fit the context")
+    max_tokens: int | None = Field(
+        None, ge=1, description="new tokens at most; prompt + max_tokens must fit the context"
+    )
     temperature: float = Field(1.0, ge=0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 is off")
@@ -64,7 +66,9 @@ class CompletionRequest(_Sampling):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     ) = Field(description="a string, a list of strings, a list of token ids, or a list of those")
     max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, description="new tokens at most (default 16)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probs of the k likeliest tokens")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="log-probs of the k likeliest tokens"
+    )
     echo: bool = False
 
 
@@ -94,6 +98,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-def error_body(message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None) -> dict:
+def error_body(
+    message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None
+) -> dict:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
