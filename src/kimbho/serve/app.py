@@ -235,7 +235,7 @@ class _Service:
             )
         outputs = await self._collect(job, requests, request)
         choices = [
-            choice(p * n + i, echo[p] + "".join(e.text for e in events), events, events[-1].finish_reason)
+            choice(p * n + i, echo[p] + "".join(e.text for e in events), events, _finish(events))
             for p, samples in enumerate(outputs)
             for i, events in enumerate(samples)
         ]
@@ -291,7 +291,7 @@ class _Service:
                 "index": i,
                 "message": {"role": "assistant", "content": "".join(e.text for e in events)},
                 "logprobs": {"content": self._chat_logprobs(events)} if body.logprobs else None,
-                "finish_reason": events[-1].finish_reason,
+                "finish_reason": _finish(events),
             }
             for i, events in enumerate(outputs[0])
         ]
@@ -628,3 +628,8 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def _finish(events: list[TokenEvent]) -> str | None:
+    """A sequence's finish reason (None only when its client hung up before the end)."""
+    return events[-1].finish_reason if events else None
