@@ -16,10 +16,7 @@ can be added without it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -33,7 +30,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..chat import ChatFormat
 from ..engine import Engine, TokenEvent
@@ -42,12 +38,14 @@ from ..errors import KimbhoError
 from ..model import KimbhoV1Model
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
+from .guard import Guard
 from .protocol import (
     DEFAULT_MAX_TOKENS,
     GREEDY_BELOW,
     ChatCompletionRequest,
     CompletionRequest,
     _Sampling,
+    describe_validation_error,
     error_body,
 )
 from .worker import Job, QueueFull, Worker
@@ -128,11 +126,11 @@ def create_app(
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(_Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
+    app.add_middleware(Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, message, param = _describe_validation_error(exc.errors())
+        status, message, param = describe_validation_error(exc.errors())
         return JSONResponse(error_body(message, param), status_code=status)
 
     @app.exception_handler(APIError)
@@ -519,109 +517,6 @@ class _Service:
             {**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs or []]}
             for e in events
         ]
-
-
-class _Guard:
-    """ASGI middleware in front of every route: the API key (all but /health) and the body
-    size limit (the body is read here, up to the limit, and handed on)."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.max_body_bytes = app, max_body_bytes
-        self.api_key = api_key.encode() if api_key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.api_key is not None and scope["path"] != "/health" and not self._authorized(scope):
-            headers = {"WWW-Authenticate": 'Basic realm="kimbho"' if scope["path"] == "/" else "Bearer"}
-            message = "a valid API key is required: send the header Authorization: Bearer KEY"
-            response = JSONResponse(
-                error_body(message, None, "authentication_error", "invalid_api_key"), 401, headers
-            )
-            await response(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        try:
-            declared = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            declared = 0
-        too_large = JSONResponse(
-            error_body(f"the request body is larger than the server's limit of {self.max_body_bytes} bytes"),
-            413,
-        )
-        if declared > self.max_body_bytes:
-            await too_large(scope, receive, send)
-            return
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                await too_large(scope, receive, send)
-                return
-            if not message.get("more_body"):
-                break
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # then the disconnect, when it comes
-
-        await self.app(scope, replay, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        value = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, credentials = value.partition(b" ")
-        if (
-            scheme.lower() == b"basic"
-        ):  # a browser's login prompt for the playground: any user, the key as password
-            try:
-                credentials = base64.b64decode(credentials, validate=True).partition(b":")[2]
-            except (binascii.Error, ValueError):
-                return False
-        elif scheme.lower() != b"bearer":
-            return False
-        return hmac.compare_digest(credentials.strip(), self.api_key)  # type: ignore[arg-type]
-
-
-def _describe_validation_error(errors: Any) -> tuple[int, str, str | None]:
-    """Status, one line and the field for FastAPI's validation errors (the first one)."""
-    if not errors:
-        return 400, "invalid request", None
-    e = errors[0]
-    loc = [x for x in e.get("loc", ()) if x != "body"]
-    kind = e.get("type")
-    if kind == "json_invalid":
-        return (
-            400,
-            f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})",
-            None,
-        )
-    if not loc and isinstance(e.get("input"), bytes):  # a body sent without Content-Type: application/json
-        return 415, "send the request body as JSON, with the header Content-Type: application/json", None
-    if not loc:
-        return 400, "the request body must be a JSON object", None
-    param = str(loc[0])
-    if param in _SHAPES and len(loc) > 1:  # every member of the union failed: name the shapes it takes
-        return 400, f"{param}: {_SHAPES.get(param, 'has the wrong type')}", param
-    where = ".".join(str(x) for x in loc)
-    return 400, f"{where}: {e.get('msg', 'invalid value')}", param
-
-
-_SHAPES = {
-    "prompt": "must be a non-empty string, list of strings, list of token ids (integers >= 0) or list of those",
-    "stop": "must be a string or a list of up to 16 strings",
-}
 
 
 def _version() -> str:

@@ -9,7 +9,7 @@ clients send fields a small server has no use for (`user`, `service_tier`, ...).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -103,3 +103,33 @@ def error_body(
 ) -> dict:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def describe_validation_error(errors: Any) -> tuple[int, str, str | None]:
+    """Status, one line and the field for FastAPI's validation errors (the first one)."""
+    if not errors:
+        return 400, "invalid request", None
+    e = errors[0]
+    loc = [x for x in e.get("loc", ()) if x != "body"]
+    kind = e.get("type")
+    if kind == "json_invalid":
+        return (
+            400,
+            f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})",
+            None,
+        )
+    if not loc and isinstance(e.get("input"), bytes):  # a body sent without Content-Type: application/json
+        return 415, "send the request body as JSON, with the header Content-Type: application/json", None
+    if not loc:
+        return 400, "the request body must be a JSON object", None
+    param = str(loc[0])
+    if param in _SHAPES and len(loc) > 1:  # every member of the union failed: name the shapes it takes
+        return 400, f"{param}: {_SHAPES.get(param, 'has the wrong type')}", param
+    where = ".".join(str(x) for x in loc)
+    return 400, f"{where}: {e.get('msg', 'invalid value')}", param
+
+
+_SHAPES = {
+    "prompt": "must be a non-empty string, list of strings, list of token ids (integers >= 0) or list of those",
+    "stop": "must be a string or a list of up to 16 strings",
+}
