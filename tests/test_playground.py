@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,13 @@ def _app(tokenizer: kimbho.Tokenizer, **options: object):  # type: ignore[no-unt
 
 def test_playground_streams_text(page, tokenizer) -> None:  # type: ignore[no-untyped-def]
     app = _app(tokenizer)
+    step = app.state.worker.engine.step
+
+    def paced_step():  # type: ignore[no-untyped-def]
+        time.sleep(0.01)  # a model of realistic speed: tokens arrive apart, not in one network read
+        return step()
+
+    app.state.worker.engine.step = paced_step
     seen: list[int] = []  # the length of the output text at each DOM change: it grows piece by piece
     with running_server(app) as url:
         page.goto(url + "/")
@@ -82,6 +90,14 @@ def test_playground_stop_button(page, tokenizer) -> None:  # type: ignore[no-unt
         return step()
 
     worker.engine.step = slow_step
+    cancelled = threading.Event()
+    cancel = worker.cancel
+
+    def spy(job):  # type: ignore[no-untyped-def]
+        cancelled.set()
+        cancel(job)
+
+    worker.cancel = spy
     with running_server(app) as url:
         page.goto(url + "/")
         page.fill("#prompt", "x")
@@ -90,9 +106,14 @@ def test_playground_stop_button(page, tokenizer) -> None:  # type: ignore[no-unt
         page.wait_for_function("document.getElementById('output').textContent.length > 1")
         page.click("#stop")
         page.wait_for_function("document.getElementById('status').textContent.includes('stopped')")
+        assert cancelled.wait(20), "the server did not notice the browser hang up"
         release.set()
         page.wait_for_function("!document.getElementById('generate').disabled")
-    assert worker.stats.tokens < 60
+        deadline = time.monotonic() + 20
+        while worker.engine.free_slots != 1:  # the slot comes back once the held step is done
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert worker.stats.tokens < 60 and worker.stats.cancelled == 1
 
 
 def _greedy_text(tokenizer: kimbho.Tokenizer, prompt: str, max_tokens: int) -> str:
