@@ -154,8 +154,9 @@ def _write_shards(
                 else "train"
             )
             index += 1
-            writers[split].write(ids, len(section.text.encode()), eot if section.end_of_document else None)
-            progress.update(len(section.text.encode()))
+            num_bytes = len(section.text.encode())
+            writers[split].write(ids, num_bytes, eot if section.end_of_document else None)
+            progress.update(num_bytes)
 
     batch: list[Section] = []
     size = 0
