@@ -19,15 +19,24 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 import kimbho
 from kimbho.data import DEFAULT_SHARD_TOKENS
+samples = []  # resident memory every second, to see whether it keeps growing
+def sample():
+    while True:
+        rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+        samples.append(rss)
+        time.sleep(1)
+threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
 meta = kimbho.prepare([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], force=True)
 seconds = time.perf_counter() - start
 tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+half = len(samples) // 2
 print(json.dumps({"seconds": seconds, "tokens": tokens, "shards": len(meta["splits"]["train"]["shards"]),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "first_half_mb": max(samples[:half]), "second_half_mb": max(samples[half:]),
                   "shard_buffer_mb": DEFAULT_SHARD_TOKENS * 2 / 2**20}))
 """
 
@@ -76,13 +85,13 @@ def main() -> None:
         stats["wall"] = time.perf_counter() - started
         rows.append(stats)
         shutil.rmtree(out, ignore_errors=True)
-    print("| corpus | tokens | shards | shard buffer | peak RSS | MB/s |")
-    print("|---|---|---|---|---|---|")
+    print("| corpus | tokens | shards | shard buffer | peak RSS | max RSS 1st / 2nd half of the run | MB/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         mbps = r["corpus_gb"] * 1024 / r["seconds"]
         print(
             f"| {r['corpus_gb']:.2f} GiB | {r['tokens'] / 1e6:.0f}M | {r['shards']} | {r['shard_buffer_mb']:.0f} MiB "
-            f"| {r['peak_rss_mb']:.0f} MiB | {mbps:.1f} |"
+            f"| {r['peak_rss_mb']:.0f} MiB | {r['first_half_mb']:.0f} / {r['second_half_mb']:.0f} MiB | {mbps:.1f} |"
         )
 
 

@@ -222,7 +222,7 @@ class _ShardWriter:
         name = f"{self.split}-{len(self.shards):05d}.npy"
         data = self.buffer[: self.fill]
         np.save(self.out / name, data)
-        self.digest.update(data.tobytes())
+        self.digest.update(memoryview(data))  # no copy of the (up to 256 MiB) buffer
         self.shards.append(name)
         self.fill = 0
 
