@@ -244,9 +244,17 @@ def test_continue_training_an_imported_model(exported: Path, data_dir: Path, tmp
     _state_equal(trainer.model, imported)
     loss, _ = trainer.train_step(0)
     assert loss < math.log(imported.config.vocab_size) - 1.0
-    trainer.fit()
-    continued, _ = kimbho.load(tmp_path / "run")
+
+    # From the command line, then continued with --resume (which needs the same --init).
+    args = ["train", "--init", exported, "--data", data_dir, "--out", tmp_path / "cli", "train.batch_size=4"]
+    args += ["train.seq_len=32", "train.warmup_steps=1", "train.eval_tokens=512", "train.sample_tokens=0"]
+    assert run_cli(*args, "--max-steps", 2) == 0
+    assert run_cli(*args, "--max-steps", 3, "--resume") == 0
+    continued, _ = kimbho.load(tmp_path / "cli")
     assert continued.config == imported.config
+    checkpoints = sorted(p.name for p in (tmp_path / "cli" / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000002", "step-00000003"]
+    assert run_cli(*args, "--preset", "tiny") == 1
 
 
 def test_init_refuses_data_made_with_another_tokenizer(exported: Path, tmp_path: Path) -> None:

@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp_hf.add_argument(
         "--max-shard-size",
         type=_byte_size,
-        default="5GB",
+        default=None,
         metavar="SIZE",
         help="split the weights into files of at most SIZE, e.g. 500MB (default 5GB)",
     )

@@ -58,7 +58,7 @@ _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # the size most Hub models are split at
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", the size most Hub models are split at
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")  # imported tokenizers; Kimbho's starts with end-of-text
 
 
@@ -224,18 +224,19 @@ def export_hf(
     tokenizer: Tokenizer,
     out_dir: str | Path,
     force: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """Write `model` and `tokenizer` as a Hugging Face Llama directory that
     `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline.
-    The directory appears complete or not at all; an existing non-empty one needs `force`."""
+    Weights go in shards of at most `max_shard_bytes` (default 5GB) when they are larger. The
+    directory appears complete or not at all; an existing non-empty one needs `force`."""
     config = model.config
     specials = special_tokens(tokenizer)
     ids = {f"{role}_token_id": token_id for role, (_, token_id) in specials.items()}
     state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
     dtype = str(model.embed.weight.dtype).removeprefix("torch.")
     with staged_directory(Path(out_dir), force) as tmp:
-        save_weights(to_hf(state, config), tmp, max_shard_bytes)
+        save_weights(to_hf(state, config), tmp, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
         _write_json(tmp / "config.json", {**config_to_hf(config, **ids), "dtype": dtype})
         _write_json(
             tmp / "generation_config.json",
@@ -308,8 +309,9 @@ def load_hf_directory(path: str | Path) -> tuple[KimbhoV1Model, Tokenizer]:
     safetensors weights (one file or shards with their index) and tokenizer.json. Weights are
     loaded as fp32 whatever their stored dtype."""
     path = Path(path)
+    values = _read_json(path / "config.json")
     try:
-        config = config_from_hf(_read_json(path / "config.json"))
+        config = config_from_hf(values)
     except KimbhoError as e:
         raise KimbhoError(f"{path}: {e}") from None
     tokenizer_file = path / "tokenizer.json"
@@ -319,8 +321,9 @@ def load_hf_directory(path: str | Path) -> tuple[KimbhoV1Model, Tokenizer]:
             f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
         )
     tokenizer = Tokenizer.from_file(tokenizer_file)
+    weights = read_weights(path)
     try:
-        state = from_hf(read_weights(path), config)
+        state = from_hf(weights, config)
     except KimbhoError as e:
         raise KimbhoError(f"{path}: {e}") from None
     model = KimbhoV1Model(config)
