@@ -27,7 +27,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# llama.cpp's Python bindings, compiled from source (15-25 minutes on 2 CPU cores): with them
+# llama.cpp's Python bindings, compiled from source (about half an hour on 2 CPU cores): with them
 # installed, `make test` also runs exported GGUF files in llama.cpp. LLAVA_BUILD=OFF skips the
 # multimodal library Kimbho does not use.
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
