@@ -79,3 +79,17 @@ def run_subprocess(*args: str, **kwargs: object) -> subprocess.CompletedProcess[
         timeout=600,
         **kwargs,
     )
+
+
+# Text that trips up tokenizer conversions: special-token strings as plain text, combining marks,
+# emoji (4-byte UTF-8), non-breaking and thin spaces, CRLF, runs of whitespace, contractions.
+TRICKY = [
+    "The assert statement",
+    "<|endoftext|> is text here, not a document boundary<|pad|><|user|>",
+    "naïve café, 日本語のテキスト, Ünïcödé, e\u0301 (combining), 😀🎉👩‍👩‍👧",
+    "\u00a0non-breaking\u2009thin\u3000ideographic",
+    "  leading spaces\r\n\r\n\ttabs   and trailing   ",
+    "don't, I'll, we've, they're, it's, O'Neil's",
+    "x = [1, 2, 3]\nfor i in range(10):\n    print(i ** 2)  # 0123456789",
+    "",
+]

@@ -88,6 +88,7 @@ class Trainer:
         resume: bool = False,
         explicit_keys: set[str] | frozenset[str] = frozenset(),
         progress_bar: bool = True,
+        init_from: str | os.PathLike[str] | None = None,
     ) -> None:
         self.run, self.cfg = run, run.train
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
@@ -98,7 +99,9 @@ class Trainer:
             raise KimbhoError(
                 f"{self.data_dir}/tokenizer.json is not the tokenizer its shards were made with"
             )
-        self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
+        init = self._load_init(init_from, explicit_keys) if init_from is not None else None
+        if init is None:
+            self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
         self.seq_len = self.cfg.seq_len or run.model.max_seq_len
         if self.seq_len > run.model.max_seq_len:
             raise KimbhoError(
@@ -117,6 +120,8 @@ class Trainer:
         self.dtype = pick_precision(self.cfg.precision, self.device)
         torch.manual_seed(self.cfg.seed)
         self.model = KimbhoV1Model(run.model).to(self.device)
+        if init is not None:
+            self.model.load_state_dict(init.state_dict())
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)
         self.forward = self._maybe_compile(self.model)
 
@@ -140,6 +145,26 @@ class Trainer:
                 f"tokenizer has {data_vocab} tokens but the model was built for {model_cfg.vocab_size} "
                 f"(model.vocab_size); drop model.vocab_size to follow the tokenizer"
             )
+
+    def _load_init(
+        self, model_path: str | os.PathLike[str], explicit_keys: set[str] | frozenset[str]
+    ) -> KimbhoV1Model:
+        """`--init MODEL`: continue training MODEL (a run, checkpoint or Hugging Face directory).
+        Its config replaces `run.model`, and the data must have been made with its tokenizer."""
+        model_keys = sorted(k for k in explicit_keys if k.startswith("model."))
+        if model_keys:
+            raise KimbhoError(
+                f"--init takes the model config from {model_path}; drop {', '.join(model_keys)}"
+            )
+        model, tokenizer = checkpoint.load(model_path)
+        if tokenizer.sha256 != self.tokenizer.sha256:
+            raise KimbhoError(
+                f"{self.data_dir} was prepared with a different tokenizer than {model_path}; "
+                f"run `kimbho prepare --tokenizer` with the tokenizer.json of {model_path}"
+            )
+        self.run.model = model.config
+        log.info(f"starting from the weights of {model_path}")
+        return model
 
     def _maybe_compile(self, model: KimbhoV1Model) -> torch.nn.Module:
         # On CPU, compiling a small model costs more start-up time than it saves (see README);
