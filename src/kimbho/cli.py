@@ -69,7 +69,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise KimbhoError("--init takes the model config from MODEL; drop --preset")
     run, explicit = resolve_run_config(args.config, args.preset, overrides)
     trainer = Trainer(
-        run, args.data, args.out, resume=args.resume, explicit_keys=explicit, init_from=args.init
+        run,
+        args.data,
+        args.out,
+        resume=args.resume,
+        explicit_keys=explicit,
+        init_from=args.init,
+        force_resume=args.force_resume,
     )
     params = trainer.model.num_params()
     log.info(
@@ -82,7 +88,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         for k, v in {**last.get("train", {}), **last.get("eval", {})}.items()
         if k in ("loss", "val_loss", "val_bpb")
     )
-    print(f"finished {args.out}: {summary}")
+    if "stopped_by" in last:
+        print(f"stopped {args.out} at step {trainer.progress.step} ({last['stopped_by']}): {summary}")
+    else:
+        print(f"finished {args.out}: {summary}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -227,7 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, metavar="DATA_DIR")
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     train.add_argument("--max-steps", type=int, metavar="N", help="shorthand for train.max_steps=N")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN_DIR")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in RUN_DIR (bit-identical to an uninterrupted run)",
+    )
+    train.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even if the model config, tokenizer or dataset differ from the checkpoint's",
+    )
     train.add_argument(
         "--init",
         metavar="MODEL",

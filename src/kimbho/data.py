@@ -257,6 +257,12 @@ def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+def dataset_fingerprint(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What identifies a prepared dataset's content: per split, its token count and the SHA-256
+    of its token ids (computed by `prepare`). Checkpoints store it so resume can refuse other data."""
+    return {split: {k: meta["splits"][split][k] for k in ("tokens", "sha256")} for split in SPLITS}
+
+
 class TokenStream:
     """One split of a prepared data directory as a single read-only sequence of token ids."""
 
