@@ -3,8 +3,10 @@ need no network and nothing outside the repository."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,22 @@ TRICKY = [
     "x = [1, 2, 3]\nfor i in range(10):\n    print(i ** 2)  # 0123456789",
     "",
 ]
+
+
+@pytest.fixture
+def kimbho_log() -> Iterator[list[str]]:
+    """Messages of the `kimbho` logger during the test (the CLI turns its propagation off, so
+    pytest's caplog does not always see them)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger, handler = logging.getLogger("kimbho"), Collect()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
