@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import re
-import resource
 import shutil
 import signal
 from pathlib import Path
@@ -245,6 +244,7 @@ class _Payload:
         return (open, (str(self.path), "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes pickle.dump's protocol
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_malicious_pickle_is_refused_and_runs_nothing(
     run_copy: Path, data_dir: Path, tmp_path: Path, writer: str, kimbho_log: list[str]
@@ -326,6 +326,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
 def test_real_write_error_during_a_save(data_dir: Path, tmp_path: Path) -> None:
     """A true failing write, not a mock: a file-size limit (RLIMIT_FSIZE) that model.safetensors
     fits under but trainer.pt (the Adam moments make it twice as big) does not."""
+    import resource  # POSIX only
+
     out = tmp_path / "run"
     trainer = _short_trainer(data_dir, out)
     trainer.train_step(0)

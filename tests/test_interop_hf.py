@@ -253,7 +253,7 @@ def test_continue_training_an_imported_model(exported: Path, data_dir: Path, tmp
     continued, _ = kimbho.load(tmp_path / "cli")
     assert continued.config == imported.config
     checkpoints = sorted(p.name for p in (tmp_path / "cli" / "checkpoints").iterdir())
-    assert checkpoints == ["step-00000002", "step-00000003"]
+    assert checkpoints == ["best", "step-00000002", "step-00000003"]
     assert run_cli(*args, "--preset", "tiny") == 1
 
 

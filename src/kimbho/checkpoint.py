@@ -184,6 +184,10 @@ def verify(ckpt: Path) -> dict[str, Any]:
         ) from None
     for name, digest in names:
         path = ckpt / name
+        if Path(name).name != name:  # a manifest only ever names files inside its own directory
+            raise CorruptCheckpoint(
+                f"checkpoint file {manifest_path} names a file outside the checkpoint: {name!r}"
+            )
         if not path.is_file():
             raise CorruptCheckpoint(f"checkpoint file {path} is missing")
         if _sha256(path) != digest:
