@@ -1,10 +1,12 @@
 """Train in a subprocess and signal it at a chosen point: the fault injection of test_crash_resume.py.
 
-    python tests/crash_driver.py RUN.json DATA_DIR RUN_DIR [--resume] [--at WHEN:TARGET:N] [--signal KILL]
+    python tests/crash_driver.py RUN.json DATA_DIR RUN_DIR [--resume] [--at WHEN:TARGET:N[:REGEX]]
+                                 [--signal KILL|TERM|INT]
 
 RUN.json holds `RunConfig.to_dict()`. `--at before:torch.save:2` wraps the function `torch.save`
 (any dotted path: `os.replace`, `kimbho.train.Trainer.save`, ...) so that its 2nd call sends the
-signal to this process just before it runs (`after`: just after it returns). SIGKILL ends the
+signal to this process just before it runs (`after`: just after it returns). With a REGEX, only
+calls whose arguments (as strings, joined by spaces) match it are counted. SIGKILL ends the
 process on the spot, as `kill -9` or the out-of-memory killer would; nothing in Kimbho knows.
 """
 
@@ -16,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 from typing import Any
 
@@ -35,7 +38,8 @@ def _owner_and_name(target: str) -> tuple[Any, str]:
 
 
 def inject(point: str, sig: signal.Signals) -> None:
-    when, target, count = point.split(":")
+    when, target, count, *pattern = point.split(":", 3)
+    matches = re.compile(pattern[0]).search if pattern else lambda text: True
     if when not in ("before", "after"):
         raise SystemExit(f"--at must start with before: or after:, got {point}")
     owner, name = _owner_and_name(target)
@@ -45,11 +49,12 @@ def inject(point: str, sig: signal.Signals) -> None:
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
-        calls += 1
-        if when == "before" and calls == int(count):
+        calls += bool(matches(" ".join(map(str, args))))
+        hit = calls == int(count)
+        if when == "before" and hit:
             os.kill(os.getpid(), sig)
         result = original(*args, **kwargs)
-        if when == "after" and calls == int(count):
+        if when == "after" and hit:
             os.kill(os.getpid(), sig)
         return result
 

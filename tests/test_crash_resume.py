@@ -8,6 +8,7 @@ see the kill points and the result."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -143,29 +144,50 @@ def test_killed_runs_resume_bit_identically(data_dir: Path, tmp_path: Path, refe
     print(f"resumed to step {MAX_STEPS}, compared with the uninterrupted run: {result}")
 
 
+# (name, kill point, complete checkpoints and temporaries left behind, without their pid suffix)
 SINGLE_KILL_POINTS = [
-    # (os.replace also backs every tokenizer.json write, hence the call numbers below)
-    "before:kimbho.train.Trainer.train_step:1",  # before the first step: no checkpoint at all
-    "after:kimbho.metrics.MetricsLog.write:3",
-    "after:kimbho.checkpoint.save_model:2",  # weights of step 4 written, nothing else
-    "after:kimbho.checkpoint._fsync:4",  # inside the fsyncs of the first best checkpoint
-    "before:kimbho.checkpoint._replace_dir:2",  # step 4 complete in its temporary directory
-    "after:os.replace:5",  # step 4 renamed into place, its parent directory not yet fsynced
-    "after:os.replace:9",  # the old best renamed away, the new one not yet in place
-    "before:kimbho.checkpoint._remove:1",  # retention about to delete step 4
-    "after:os.replace:18",  # retention renamed step 4 away, not yet deleted
-    "after:kimbho.train.Trainer.save:3",  # after the final checkpoint
+    ("before-first-step", "before:kimbho.train.Trainer.train_step:1", [], []),
+    ("after-3rd-metrics-record", "after:kimbho.metrics.MetricsLog.write:3", [], []),
+    ("step-4-weights-written", "after:kimbho.checkpoint.save_model:2", [], [".tmp-step-00000004"]),
+    ("best-being-fsynced", "after:kimbho.checkpoint._fsync:4", [], [".tmp-best"]),
+    ("step-4-complete-not-renamed", "before:kimbho.checkpoint._replace_dir:2", [], [".tmp-step-00000004"]),
+    (
+        "step-4-renamed-parent-not-fsynced",
+        r"after:os.replace:1:\.tmp-step-00000004-\d+ \S+/step-00000004$",
+        [4],
+        [],
+    ),
+    (
+        "old-best-renamed-away",
+        r"after:os.replace:1:/best \S+\.tmp-old-best-",
+        [4],
+        [".tmp-best", ".tmp-old-best"],
+    ),
+    (
+        "retention-renamed-step-4-away",
+        r"after:os.replace:1:/step-00000004 \S+\.tmp-old-step-00000004-",
+        [8, 12],
+        [".tmp-old-step-00000004"],
+    ),
+    ("after-the-final-save", "after:kimbho.train.Trainer.save:3", [8, 12], []),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", SINGLE_KILL_POINTS)
-def test_kill_at_any_point_then_resume(point: str, data_dir: Path, tmp_path: Path, reference: Path) -> None:
+@pytest.mark.parametrize(
+    ("point", "steps", "temporaries"),
+    [p[1:] for p in SINGLE_KILL_POINTS],
+    ids=[p[0] for p in SINGLE_KILL_POINTS],
+)
+def test_kill_at_any_point_then_resume(
+    point: str, steps: list[int], temporaries: list[str], data_dir: Path, tmp_path: Path, reference: Path
+) -> None:
     driver = Driver(data_dir, tmp_path / "run")
     r = driver.run("--at", point)
     assert r.returncode == -signal.SIGKILL, f"the process was not killed at {point}: {r.stderr}"
-    steps = driver.complete_steps()
+    assert driver.complete_steps() == steps
+    assert [re.sub(r"-\d+$", "", name) for name in driver.temporaries()] == temporaries
     r = driver.run("--resume")
     assert r.returncode == 0, r.stderr
     result = assert_same_as_reference(driver.out, reference)
-    print(f"\nSIGKILL {point}: checkpoints {steps} -> resumed: {result}")
+    print(f"\nSIGKILL {point}: checkpoints {steps}, temporaries {temporaries} -> resumed: {result}")

@@ -123,7 +123,7 @@ def save_checkpoint(
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`; an existing `final` is renamed away first, so at every instant
     `final` is either the old complete checkpoint, absent, or the new complete one."""
-    old = final.parent / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
+    old = _doomed(final)
     if final.exists():
         os.replace(final, old)
     try:
@@ -138,9 +138,15 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def _remove(ckpt: Path) -> None:
     """Delete a checkpoint so that a crash midway leaves a `.tmp-*` name, never a partial `step-N/`."""
-    doomed = ckpt.parent / f"{_TMP_PREFIX}old-{ckpt.name}-{os.getpid()}"
+    doomed = _doomed(ckpt)
     os.replace(ckpt, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _doomed(ckpt: Path) -> Path:
+    """Where a checkpoint goes on its way out: a `.tmp-*` name, removed on the next start if a
+    crash leaves it."""
+    return ckpt.parent / f"{_TMP_PREFIX}old-{ckpt.name}-{os.getpid()}"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
