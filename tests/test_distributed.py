@@ -216,17 +216,11 @@ def test_a_killed_process_ends_the_job_and_the_run_resumes(data_dir: Path, tmp_p
     steps = [int(c.name.removeprefix("step-")) for c in list_checkpoints(out)]
     assert steps and all(verify(c) for c in list_checkpoints(out))
 
-    r = kimbho_train(
-        "--nproc",
-        2,
-        "--data",
-        data_dir,
-        "--out",
-        out,
-        *TRAIN_ARGS,
-        f"train.max_steps={steps[-1] + 2}",
-        "--resume",
-    )
+    # Resumed with torchrun itself, as on a cluster.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "kimbho", "train", "--data", str(data_dir), "--out", str(out), *TRAIN_ARGS]
+    command += [f"train.max_steps={steps[-1] + 2}", "--resume"]
+    r = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"step-{steps[-1]:08d}" in r.stderr
     assert read_metrics(out, "train")[-1]["step"] == steps[-1] + 2
@@ -263,18 +257,23 @@ def test_bad_input_is_one_clear_line(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
-    cases = [
-        (["--nproc", "0"], "--nproc must be at least 1, got 0"),
-        (["--nproc", "3"], "train.batch_size=8 does not split evenly over 3 processes; use a multiple of 3"),
+    cases = [  # (options, overrides, message)
+        (["--nproc", "0"], [], "--nproc must be at least 1, got 0"),
         (
-            ["--nproc", "2", "train.micro_batch_size=3"],
+            ["--nproc", "3"],
+            [],
+            "train.batch_size=8 does not split evenly over 3 processes; use a multiple of 3",
+        ),
+        (
+            ["--nproc", "2"],
+            ["train.micro_batch_size=3"],
             "train.batch_size=8 is not a multiple of processes x train.micro_batch_size = 2 x 3 = 6",
         ),
-        (["train.parallel=tp"], "train.parallel='tp' is not one of: ddp, fsdp"),
-        (["train.dist_timeout=0"], "train.dist_timeout must be positive"),
+        ([], ["train.parallel=tp"], "train.parallel='tp' is not one of: ddp, fsdp"),
+        ([], ["train.dist_timeout=0"], "train.dist_timeout must be positive"),
     ]
-    for extra, message in cases:
-        assert run_cli("train", "--data", data_dir, "--out", out, *TRAIN_ARGS, *extra) == 1
+    for options, overrides, message in cases:
+        assert run_cli("train", *options, "--data", data_dir, "--out", out, *TRAIN_ARGS, *overrides) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("kimbho: error: ") and message in err[0], err
     assert not out.exists()
@@ -290,5 +289,24 @@ def test_nproc_under_torchrun_is_refused(
 
 def test_fsdp_in_one_process_trains_unsharded(data_dir: Path, tmp_path: Path, kimbho_log: list[str]) -> None:
     trainer = kimbho.Trainer(tiny_run_config(parallel="fsdp"), data_dir, tmp_path / "run", progress_bar=False)
-    assert trainer.world.size == 1 and trainer.train_module.model is trainer.model
+    assert trainer.world.size == 1 and trainer.forward is trainer.model
     assert any("one process has nothing to shard over" in m for m in kimbho_log)
+
+
+def test_optimizer_state_of_older_checkpoints_is_keyed_by_name(data_dir: Path, tmp_path: Path) -> None:
+    """Checkpoints written before multi-process training hold `optimizer.state_dict()`, keyed by
+    position; they resume as well."""
+    from kimbho.distributed import _keyed_by_name, full_optimizer_state
+
+    trainer = kimbho.Trainer(tiny_run_config(), data_dir, tmp_path / "run", progress_bar=False)
+    trainer.train_step(0)
+    by_name = full_optimizer_state(trainer.model, trainer.optimizer)
+    converted = _keyed_by_name(trainer.model, trainer.optimizer, trainer.optimizer.state_dict())
+    assert converted["param_groups"] == by_name["param_groups"]
+    assert (
+        converted["state"].keys() == by_name["state"].keys() == dict(trainer.model.named_parameters()).keys()
+    )
+    for name, values in by_name["state"].items():
+        for key, value in values.items():
+            assert torch.equal(converted["state"][name][key], value)
+    assert _keyed_by_name(trainer.model, trainer.optimizer, by_name) is by_name

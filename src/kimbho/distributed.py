@@ -201,15 +201,15 @@ def split_batch(batch_size: int, micro_batch_size: int | None, processes: int) -
     return rows, micro
 
 
-def parallelize(model: nn.Module, loss: nn.Module, world: World, parallel: str) -> nn.Module:
-    """The module to run each training micro-step through: `loss` (the whole forward pass of
-    `model`, returning the loss) as it is in one process, wrapped in DDP, or, for `fsdp`, as it is
-    over a `model` sharded in place (call this before building the optimizer: sharding replaces
-    the parameters)."""
+def parallelize(model: nn.Module, world: World, parallel: str) -> nn.Module:
+    """The module to run the training forward pass through: `model` as it is in one process,
+    wrapped in DDP, or, for `fsdp`, `model` itself sharded in place. Call it before building the
+    optimizer (sharding replaces the parameters) and before compiling (DDP and FSDP2 are meant to
+    be compiled over, not wrapped around a compiled module)."""
     if world.size == 1:
         if parallel == "fsdp":
             log.warning("train.parallel=fsdp: one process has nothing to shard over; training unsharded")
-        return loss
+        return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -221,23 +221,25 @@ def parallelize(model: nn.Module, loss: nn.Module, world: World, parallel: str) 
         fully_shard(model)
         # Generation calls `features` and then the head, not `forward`: gather for it too.
         register_fsdp_forward_method(model, "features")
-        return loss
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(loss, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 @contextlib.contextmanager
-def gradient_sync(module: nn.Module, model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Within the block, whether backward synchronises gradients over processes: with gradient
-    accumulation only the last micro-step needs to (DDP's `no_sync`, FSDP2's
+def gradient_sync(forward: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block (forward and backward of one micro-step of `forward`, the module from
+    `parallelize`, compiled or not), whether backward synchronises gradients over processes: with
+    gradient accumulation only the last micro-step needs to (DDP's `no_sync`, FSDP2's
     `set_requires_gradient_sync`); earlier ones accumulate locally."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
+    module = getattr(forward, "_orig_mod", forward)  # under torch.compile's wrapper
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(enabled)
         yield
     elif isinstance(module, DistributedDataParallel) and not enabled:
         with module.no_sync():
@@ -293,7 +295,26 @@ def load_full_state(
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1)
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_optimizer_state_dict(
+        model, optimizer, _keyed_by_name(model, optimizer, optimizer_state), options=options
+    )
+
+
+def _keyed_by_name(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name. Checkpoints from before multi-process training
+    hold `optimizer.state_dict()`, keyed by each parameter's position in the param groups: the
+    optimizer built the same way has the parameters in the same order."""
+    groups = state.get("param_groups", [])
+    if not groups or not isinstance(groups[0]["params"][0], int):
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups],
+    }
 
 
 def launch(processes: int, kimbho_args: list[str]) -> int:
@@ -319,11 +340,18 @@ def launch(processes: int, kimbho_args: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        # torchrun stopped the other processes with SIGTERM: look for the one that failed first.
-        causes = [(r, f) for r, f in sorted(e.failures.items()) if f.exitcode != -signal.SIGTERM]
+        # A process that ended with status 1 has printed why (a Python error, or losing contact
+        # with the others). One killed by a signal (SIGKILL from the out-of-memory killer, a
+        # crash) could not: name it. SIGTERM is torchrun stopping the others once one failed; a
+        # SIGABRT next to a reported error came from a process exiting as the job went down
+        # (seen once here, in gloo's teardown), so neither is the cause.
+        failures = sorted(e.failures.items())
+        reported = any(f.exitcode == 1 for _, f in failures)
+        followers = {1, -signal.SIGTERM, *([-signal.SIGABRT] if reported else [])}
+        causes = [(r, f) for r, f in failures if f.exitcode not in followers]
+        if reported and not causes:
+            return 1
         rank, failure = causes[0] if causes else e.get_first_failure()
-        if failure.exitcode == 1:
-            return 1  # a Python error: the process has printed it
         how = (
             f"was killed by {signal.Signals(-failure.exitcode).name}"
             if failure.exitcode < 0

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed
@@ -76,20 +75,6 @@ def build_optimizer(model: KimbhoV1Model, cfg: TrainConfig, device: torch.device
     ]
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
-
-
-class NextTokenLoss(nn.Module):
-    """Mean next-token cross-entropy of a language model on a batch. The whole training forward
-    pass is one module call because DDP synchronises the gradients of work done inside the
-    module it wraps."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 @dataclass
@@ -159,10 +144,8 @@ class Trainer:
         self.model = KimbhoV1Model(run.model).to(self.device)
         if init is not None:
             self.model.load_state_dict(init.state_dict())
-        self.forward = self._maybe_compile(self.model)
-        self.train_module = distributed.parallelize(
-            self.model, NextTokenLoss(self.forward), self.world, self.cfg.parallel
-        )
+        # DDP or FSDP2 under torchrun (see distributed.py); the model as it is in one process.
+        self.forward = self._maybe_compile(distributed.parallelize(self.model, self.world, self.cfg.parallel))
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)  # after sharding
         if self.world.size > 1:
             # Each process draws its own dropout masks.
@@ -207,7 +190,7 @@ class Trainer:
         log.info(f"starting from the weights of {model_path}")
         return model
 
-    def _maybe_compile(self, model: KimbhoV1Model) -> torch.nn.Module:
+    def _maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
         # On CPU, compiling a small model costs more start-up time than it saves (see README);
         # on CUDA it pays, so `auto` compiles there only.
         wanted = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.device.type == "cuda")
@@ -310,10 +293,11 @@ class Trainer:
         for micro in range(self.accum_steps):
             rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
             x, y = inputs[rows].to(self.device), targets[rows].to(self.device)
-            last = micro == self.accum_steps - 1
-            with distributed.gradient_sync(self.train_module, self.model, enabled=last):
+            # Under DDP the whole forward pass goes through `self.forward`, the DDP wrapper.
+            with distributed.gradient_sync(self.forward, enabled=micro == self.accum_steps - 1):
                 with autocast(self.device, self.dtype):
-                    loss = self.train_module(x, y) / self.accum_steps
+                    logits = self.forward(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / self.accum_steps
                 loss.backward()
             total += loss.detach()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
