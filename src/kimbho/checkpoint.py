@@ -74,8 +74,9 @@ def save_checkpoint(
     """Write checkpoint `step` of `run_dir` atomically, then drop all but the newest `keep_last`.
 
     `weights` is the bare model's full state dict (`model.state_dict()`, or gathered from the
-    processes, see `distributed.full_weights`); `run_config.model` is its config. `name` writes `checkpoints/<name>/` instead of `step-N/`, outside retention (the best
-    checkpoint); `trainer_state=None` writes a weights-only checkpoint. A failed write (disk full)
+    processes, see `distributed.full_weights`); `run_config.model` is its config. `name` writes
+    `checkpoints/<name>/` instead of `step-N/`, outside retention (the best checkpoint);
+    `trainer_state=None` writes a weights-only checkpoint. A failed write (disk full)
     raises a `KimbhoError` and leaves the existing checkpoints as they were, with no temporary
     directory behind."""
     root = run_dir / CHECKPOINTS
