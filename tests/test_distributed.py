@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import kimbho
 from kimbho.checkpoint import list_checkpoints, verify
 from kimbho.metrics import read_metrics
+from kimbho.train import NextTokenLoss
 
 from .conftest import REPO, run_cli, tiny_run_config
 
@@ -289,7 +290,7 @@ def test_nproc_under_torchrun_is_refused(
 
 def test_fsdp_in_one_process_trains_unsharded(data_dir: Path, tmp_path: Path, kimbho_log: list[str]) -> None:
     trainer = kimbho.Trainer(tiny_run_config(parallel="fsdp"), data_dir, tmp_path / "run", progress_bar=False)
-    assert trainer.world.size == 1 and trainer.forward is trainer.model
+    assert trainer.world.size == 1 and type(trainer.train_loss) is NextTokenLoss
     assert any("one process has nothing to shard over" in m for m in kimbho_log)
 
 

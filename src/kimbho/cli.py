@@ -392,14 +392,19 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.ERROR)  # under torchrun rank 0 speaks for all processes
     log.propagate = False
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
     except ReportedElsewhere:
-        return 1
+        code = 1
     except KimbhoError as e:
         print(f"kimbho: error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         print("kimbho: interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except BrokenPipeError:  # `kimbho generate ... | head`
-        return 0
+        code = 0
+    if "torch.distributed" in sys.modules:  # only training imports it
+        from .distributed import exit_if_in_group
+
+        exit_if_in_group(code)
+    return code

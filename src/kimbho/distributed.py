@@ -34,6 +34,7 @@ import atexit
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -171,6 +172,20 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
+def exit_if_in_group(code: int) -> None:
+    """End a process of a multi-process run with status `code` at once, skipping the
+    interpreter's teardown; return if this process is in no process group. A gloo process that
+    tears down its process group after its peer has exited sometimes aborts ("terminate called
+    without an active exception", SIGABRT: seen twice here in full runs of the test suite), which
+    would turn a finished run into a failed one. By now every collective has completed and every
+    file is written and closed, so there is nothing to wait for: the OS closes the connections."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def lost_contact(error: BaseException) -> bool:
     """Whether `error` is a collective failing because another process died (gloo reports a
     closed connection as a plain RuntimeError, NCCL as a DistBackendError)."""
@@ -201,15 +216,18 @@ def split_batch(batch_size: int, micro_batch_size: int | None, processes: int) -
     return rows, micro
 
 
-def parallelize(model: nn.Module, world: World, parallel: str) -> nn.Module:
-    """The module to run the training forward pass through: `model` as it is in one process,
-    wrapped in DDP, or, for `fsdp`, `model` itself sharded in place. Call it before building the
-    optimizer (sharding replaces the parameters) and before compiling (DDP and FSDP2 are meant to
-    be compiled over, not wrapped around a compiled module)."""
+def parallelize(model: nn.Module, loss: nn.Module, world: World, parallel: str) -> nn.Module:
+    """The module to run each training micro-step through: `loss` (the whole training forward
+    pass of `model`, returning the loss) as it is in one process, wrapped in DDP, or, for `fsdp`,
+    as it is over `model` sharded in place. DDP wraps the loss rather than the model because it
+    synchronises the gradients of work done inside the module it wraps: the loss may use
+    parameters (the head) outside `model.forward`. Call it before building the optimizer
+    (sharding replaces the parameters) and before compiling (DDP and FSDP2 are meant to be
+    compiled over, not wrapped around a compiled module)."""
     if world.size == 1:
         if parallel == "fsdp":
             log.warning("train.parallel=fsdp: one process has nothing to shard over; training unsharded")
-        return model
+        return loss
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -221,28 +239,28 @@ def parallelize(model: nn.Module, world: World, parallel: str) -> nn.Module:
         fully_shard(model)
         # Generation calls `features` and then the head, not `forward`: gather for it too.
         register_fsdp_forward_method(model, "features")
-        return model
+        return loss
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(loss, device_ids=device_ids)
 
 
 @contextlib.contextmanager
-def gradient_sync(forward: nn.Module, enabled: bool) -> Iterator[None]:
-    """Within the block (forward and backward of one micro-step of `forward`, the module from
+def gradient_sync(model: nn.Module, loss: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block (forward and backward of one micro-step through `loss`, the module from
     `parallelize`, compiled or not), whether backward synchronises gradients over processes: with
     gradient accumulation only the last micro-step needs to (DDP's `no_sync`, FSDP2's
     `set_requires_gradient_sync`); earlier ones accumulate locally."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
-    module = getattr(forward, "_orig_mod", forward)  # under torch.compile's wrapper
-    if isinstance(module, FSDPModule):
-        module.set_requires_gradient_sync(enabled)
+    loss = getattr(loss, "_orig_mod", loss)  # under torch.compile's wrapper
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
         yield
-    elif isinstance(module, DistributedDataParallel) and not enabled:
-        with module.no_sync():
+    elif isinstance(loss, DistributedDataParallel) and not enabled:
+        with loss.no_sync():
             yield
     else:
         yield

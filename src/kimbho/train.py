@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed
@@ -75,6 +76,19 @@ def build_optimizer(model: KimbhoV1Model, cfg: TrainConfig, device: torch.device
     ]
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
+
+
+class NextTokenLoss(nn.Module):
+    """Mean next-token cross-entropy of a language model on a batch: the whole training forward
+    pass as one module, which DDP wraps (see `distributed.parallelize`)."""
+
+    def __init__(self, model: KimbhoV1Model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 @dataclass
@@ -144,8 +158,10 @@ class Trainer:
         self.model = KimbhoV1Model(run.model).to(self.device)
         if init is not None:
             self.model.load_state_dict(init.state_dict())
-        # DDP or FSDP2 under torchrun (see distributed.py); the model as it is in one process.
-        self.forward = self._maybe_compile(distributed.parallelize(self.model, self.world, self.cfg.parallel))
+        # Under torchrun DDP wraps the loss, or FSDP2 shards the model (see distributed.py).
+        self.train_loss = self._maybe_compile(
+            distributed.parallelize(self.model, NextTokenLoss(self.model), self.world, self.cfg.parallel)
+        )
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)  # after sharding
         if self.world.size > 1:
             # Each process draws its own dropout masks.
@@ -293,11 +309,11 @@ class Trainer:
         for micro in range(self.accum_steps):
             rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
             x, y = inputs[rows].to(self.device), targets[rows].to(self.device)
-            # Under DDP the whole forward pass goes through `self.forward`, the DDP wrapper.
-            with distributed.gradient_sync(self.forward, enabled=micro == self.accum_steps - 1):
+            with distributed.gradient_sync(
+                self.model, self.train_loss, enabled=micro == self.accum_steps - 1
+            ):
                 with autocast(self.device, self.dtype):
-                    logits = self.forward(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / self.accum_steps
+                    loss = self.train_loss(x, y) / self.accum_steps
                 loss.backward()
             total += loss.detach()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
