@@ -16,7 +16,9 @@ from .conftest import tiny_run_config
 def test_newton_schulz_orthogonalizes(shape: tuple[int, int, int]) -> None:
     """Every singular value lands near one (Jordan's quintic puts them in about [0.7, 1.2])."""
     torch.manual_seed(0)
-    matrices = torch.randn(shape) * torch.logspace(-2, 1, shape[-1])  # badly conditioned columns
+    # Columns scaled over a decade: condition numbers from ~9 to ~200. (Five quintic steps lift a
+    # singular value by at most ~3.4^5, so far smaller ones, relative to the norm, stay small.)
+    matrices = torch.randn(shape) * torch.logspace(-1, 0, shape[-1])
     ortho = orthogonalize(matrices, steps=5, dtype=torch.float32)
     assert ortho.shape == matrices.shape
     singular = torch.linalg.svdvals(ortho)
@@ -59,7 +61,10 @@ def test_muon_trains_and_its_state_survives_a_checkpoint(data_dir: Path, tmp_pat
     torch.save(trainer.optimizer.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert state["muon"]["state"] and state["adamw"]["state"]
+    # One optimizer's layout: every parameter has state, Muon's (numbered first) a momentum buffer.
+    assert len(state["state"]) == len(list(trainer.model.parameters()))
+    n_muon = len(trainer.optimizer.muon.state)
+    assert {i for i, s in state["state"].items() if "momentum_buffer" in s} == set(range(n_muon))
     resumed = kimbho.Trainer(
         tiny_run_config(optimizer="muon", lr=3e-3, max_steps=41, eval_every=0, save_every=41),
         data_dir,

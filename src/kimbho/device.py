@@ -79,10 +79,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 @functools.cache
 def _measured_peak(device_name: str, dtype: torch.dtype, threads: int) -> float:
     device = torch.device(device_name)
+    # A private generator: measuring must not move the global RNG, or a run's dropout masks would
+    # depend on whether this process had measured already (and resuming would not be exact).
+    generator = torch.Generator(device=device).manual_seed(0)
     best = 0.0
     for n in (256, 512, 1024, 2048, 4096, 8192):
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
+        a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+        b = torch.randn(n, n, device=device, generator=generator).to(dtype)
         seconds, reps = 0.0, 0
         a @ b  # warm-up: kernel selection, first-touch allocation
         _sync(device)

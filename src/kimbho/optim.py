@@ -123,11 +123,41 @@ class MuonWithAdamW:
         self.adamw.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        """One `torch.optim.Optimizer` state dict: Muon's parameters are numbered first, then
+        AdamW's, so tools that read `state`/`param_groups` see one optimizer."""
+        muon, adamw = self.muon.state_dict(), self.adamw.state_dict()
+        offset = _count_params(muon["param_groups"])
+        return {
+            "state": {**muon["state"], **{i + offset: s for i, s in adamw["state"].items()}},
+            "param_groups": muon["param_groups"] + _shift(adamw["param_groups"], offset),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
+        """Load what `state_dict` gave; a ValueError when it belongs to another optimizer."""
+        n_muon = len(self.muon.param_groups)
+        groups = state["param_groups"]
+        offset = _count_params(groups[:n_muon])
+        self.muon.load_state_dict(
+            {
+                "state": {i: s for i, s in state["state"].items() if i < offset},
+                "param_groups": groups[:n_muon],
+            }
+        )
+        self.adamw.load_state_dict(
+            {
+                "state": {i - offset: s for i, s in state["state"].items() if i >= offset},
+                "param_groups": _shift(groups[n_muon:], -offset),
+            }
+        )
+
+
+def _count_params(groups: list[dict[str, Any]]) -> int:
+    return sum(len(g["params"]) for g in groups)
+
+
+def _shift(groups: list[dict[str, Any]], offset: int) -> list[dict[str, Any]]:
+    """Param groups with their parameter numbers moved by `offset`."""
+    return [{**g, "params": [i + offset for i in g["params"]]} for g in groups]
 
 
 Optimizer = torch.optim.Optimizer | MuonWithAdamW
