@@ -38,8 +38,8 @@ def prepared_data(corpus: Path, vocab_size: int = VOCAB) -> Path:
             f"corpus {corpus} not found; pass --data PATH (tinyshakespeare: "
             "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)"
         )
-    stat = corpus.stat()
-    key = hashlib.sha256(f"{corpus.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    # Keyed by content, not path or mtime: a touched or copied corpus reuses its prepared data.
+    key = hashlib.sha256(corpus.read_bytes()).hexdigest()[:10]
     out = CACHE / f"{corpus.stem}-{vocab_size}-{key}"
     if not (out / "meta.json").exists():
         kimbho.prepare([corpus], out, vocab_size=vocab_size, force=True)

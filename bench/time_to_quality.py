@@ -50,7 +50,7 @@ from _common import (
 )
 
 from kimbho.config import RunConfig, TrainConfig, parse_override
-from kimbho.data import RandomWindowSampler, TokenStream
+from kimbho.data import RandomWindowSampler, TokenStream, dataset_fingerprint, load_meta
 from kimbho.loss import linear_cross_entropy
 from kimbho.train import Trainer
 
@@ -198,7 +198,11 @@ def run_leg(
     state_file = CACHE / f"ttq-{label}.pt"
     results = load_results(RESULTS_FILE)
     progress: dict[str, Any] = {"step": 0, "train_sec": 0.0, "total_steps": 0, "curve": [], "losses": []}
-    settings = {"budget": budget, "batch_size": leg.batch_size, "data": str(data_dir)}
+    settings = {
+        "budget": budget,
+        "batch_size": leg.batch_size,
+        "data": dataset_fingerprint(load_meta(data_dir)),
+    }
     if state_file.exists() and not restart:
         saved = torch.load(state_file, weights_only=True)
         if saved["settings"] != settings:

@@ -31,10 +31,19 @@ def test_equals_cross_entropy_of_the_full_logits(reduction: str, monkeypatch: py
 
 
 def test_without_gradients_it_only_computes_the_loss() -> None:
+    """Under `no_grad` (evaluation) only the head's product runs, not the two gradient products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     hidden, weight, targets = _inputs()
-    with torch.no_grad():
+    head_flops = 2 * hidden.shape[0] * hidden.shape[1] * hidden.shape[2] * weight.shape[0]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         got = linear_cross_entropy(hidden, weight, targets, reduction="sum")
-        expected = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction="sum")
+    assert counter.get_total_flops() == head_flops
+    with FlopCounterMode(display=False) as counter:
+        linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    # Training adds the gradients' products (the in-place addmm_ of the weight's is not counted).
+    assert counter.get_total_flops() >= 2 * head_flops
+    expected = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction="sum")
     assert not got.requires_grad
     torch.testing.assert_close(got, expected)
 

@@ -44,7 +44,10 @@ def linear_cross_entropy(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     flat_targets = targets.reshape(-1)  # (N,)
     chunk_rows = max(1, _CHUNK_ELEMENTS // weight.shape[0])
-    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_targets, chunk_rows, dtype)
+    # Inside `forward` grad mode is always off, and `needs_input_grad` ignores `torch.no_grad`:
+    # ask here, so evaluation does not compute gradients it would throw away.
+    grads = torch.is_grad_enabled()
+    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_targets, chunk_rows, dtype, grads)
     return total / flat_targets.numel() if reduction == "mean" else total
 
 
@@ -59,8 +62,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         chunk_rows: int,
         dtype: torch.dtype,
+        grads: bool,
     ) -> torch.Tensor:
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_hidden, want_weight = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -95,6 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (
             grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
             (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None,
+            None,
             None,
             None,
             None,
