@@ -279,6 +279,16 @@ def time_to_reach(curve: list[list[float]], target: float) -> float | None:
     return None
 
 
+def bpb_at(curve: list[list[float]], seconds: float) -> float | None:
+    """Validation bpb after `seconds` of training, interpolated between evaluations; None past
+    the end of the curve (2% of slack: the last step may end just short of the budget)."""
+    for (t0, b0), (t1, b1) in zip(curve, curve[1:], strict=False):
+        if t0 <= seconds <= t1:
+            return b0 + (b1 - b0) * (seconds - t0) / (t1 - t0)
+    # A leg sized from its measured step time ends within a few seconds of its budget.
+    return curve[-1][1] if curve and seconds <= curve[-1][0] * 1.02 else None
+
+
 def report(results: dict[str, Any]) -> None:
     if not results:
         raise SystemExit(f"no results in {RESULTS_FILE}; run the legs first")
@@ -299,6 +309,11 @@ def report(results: dict[str, Any]) -> None:
             f"\nHugging Face + AdamW, {hf['budget_min']:.0f} min: best val bpb {hf_best:.4f} (at {hf_reach / 60:.1f} min)"
         )
         print(f"Kimbho default recipe, {kimbho['budget_min']:.0f} min: best val bpb {k_best:.4f}")
+        print("\n| training minutes | Kimbho, default recipe | HF + AdamW, cosine, lr 3e-4 |")
+        print("|---|---|---|")
+        for minutes in (2.5, 5, 10, 20):
+            cells = [bpb_at(r["curve"], minutes * 60) for r in (kimbho, hf)]
+            print(f"| {minutes:g} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
         if reach is not None:
             print(f"Kimbho reaches HF's best in {reach / 60:.1f} min: {hf_reach / reach:.2f}x sooner")
         else:

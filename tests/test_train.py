@@ -48,9 +48,14 @@ def test_checkpoint_contents_are_safe_to_load(trained_run: Path) -> None:
     assert torch.equal(model.head.weight, weights["head.weight"])
 
 
-def test_resume_continues_and_matches_the_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_resume_continues_and_matches_the_uninterrupted_run(
+    optimizer: str, data_dir: Path, tmp_path: Path
+) -> None:
     def config():  # dropout exercises the saved RNG state; validation and best saves come between steps
-        run = tiny_run_config(max_steps=30, save_every=10, log_every=1, eval_every=10, micro_batch_size=4)
+        run = tiny_run_config(
+            max_steps=30, save_every=10, log_every=1, eval_every=10, micro_batch_size=4, optimizer=optimizer
+        )
         run.model.dropout = 0.1
         return run
 
@@ -67,6 +72,13 @@ def test_resume_continues_and_matches_the_uninterrupted_run(data_dir: Path, tmp_
     a = load_file(full / "checkpoints" / "step-00000030" / "model.safetensors")
     b = load_file(part / "checkpoints" / "step-00000030" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    states = [
+        torch.load(run / "checkpoints" / "step-00000030" / "trainer.pt", weights_only=True)["optimizer"]
+        for run in (full, part)
+    ]
+    assert states[0]["state"].keys() == states[1]["state"].keys()
+    for i, moments in states[0]["state"].items():
+        assert all(torch.equal(value, states[1]["state"][i][key]) for key, value in moments.items())
 
 
 def test_existing_run_needs_resume(trained_run: Path, data_dir: Path) -> None:
