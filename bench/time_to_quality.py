@@ -318,6 +318,13 @@ def report(results: dict[str, Any]) -> None:
             print(f"Kimbho reaches HF's best in {reach / 60:.1f} min: {hf_reach / reach:.2f}x sooner")
         else:
             print("Kimbho does not reach HF's best within its budget")
+        hf_to_ours = time_to_reach(hf["curve"], k_best)
+        if hf_to_ours is not None:
+            k_time = time_to_reach(kimbho["curve"], k_best)
+            print(
+                f"HF reaches Kimbho's best ({k_best:.4f}) in {hf_to_ours / 60:.1f} min, Kimbho in "
+                f"{k_time / 60:.1f}: {hf_to_ours / k_time:.2f}x"
+            )
     plot(results)
 
 
