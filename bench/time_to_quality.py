@@ -106,7 +106,7 @@ class KimbhoLeg:
         self.model = self.trainer.model
         self.batch_size = self.trainer.cfg.batch_size
         self.recipe = {k: getattr(self.trainer.cfg, k) for k in vars(TrainConfig())}
-        self.recipe["compiled"] = self.trainer.features is not self.model.features
+        self.recipe["compiled"] = self.trainer.features != self.model.features
 
     def set_total_steps(self, steps: int) -> None:
         self.trainer.cfg.max_steps = steps  # the schedule (lr_at) reads it every step
