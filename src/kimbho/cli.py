@@ -65,8 +65,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if args.init is not None and args.preset is not None:
+        raise KimbhoError("--init takes the model config from MODEL; drop --preset")
     run, explicit = resolve_run_config(args.config, args.preset, overrides)
-    trainer = Trainer(run, args.data, args.out, resume=args.resume, explicit_keys=explicit)
+    trainer = Trainer(
+        run,
+        args.data,
+        args.out,
+        resume=args.resume,
+        explicit_keys=explicit,
+        init_from=args.init,
+        force_resume=args.force_resume,
+    )
     params = trainer.model.num_params()
     log.info(
         f"training {params / 1e6:.2f}M parameters on {trainer.device} ({str(trainer.dtype).removeprefix('torch.')}), "
@@ -78,7 +88,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         for k, v in {**last.get("train", {}), **last.get("eval", {})}.items()
         if k in ("loss", "val_loss", "val_bpb")
     )
-    print(f"finished {args.out}: {summary}")
+    if "stopped_by" in last:
+        print(f"stopped {args.out} at step {trainer.progress.step} ({last['stopped_by']}): {summary}")
+    else:
+        print(f"finished {args.out}: {summary}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -141,6 +154,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate(model, tokenizer, args.data, max_tokens=args.max_tokens)))
 
 
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from .checkpoint import load
+    from .interop.hf import export_hf
+
+    model, tokenizer = load(args.model)
+    export_hf(model, tokenizer, args.out_dir, force=args.force, max_shard_bytes=args.max_shard_size)
+    print(f"wrote {args.out_dir}: a Hugging Face LlamaForCausalLM directory")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from .checkpoint import load
+    from .interop.gguf import export_gguf
+
+    model, tokenizer = load(args.model)
+    name = Path(args.model).resolve().name
+    export_gguf(model, tokenizer, args.out, dtype=args.dtype, force=args.force, name=name)
+    print(f"wrote {args.out}: GGUF ({args.dtype}), llama architecture")
+
+
+def _byte_size(text: str) -> int:
+    """Bytes from "500MB", "5GB" or a plain number (decimal units, as Hugging Face counts)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    upper = text.strip().upper()
+    unit = next((u for u in units if upper.endswith(u)), "B")
+    try:
+        size = int(float(upper.removesuffix(unit)) * units[unit])
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 500MB or 5GB, got {text!r}")
+    return size
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -197,7 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, metavar="DATA_DIR")
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     train.add_argument("--max-steps", type=int, metavar="N", help="shorthand for train.max_steps=N")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN_DIR")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in RUN_DIR (bit-identical to an uninterrupted run)",
+    )
+    train.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even if the model config, tokenizer or dataset differ from the checkpoint's",
+    )
+    train.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from MODEL's weights, config and tokenizer (a run, checkpoint or Hugging Face "
+        "directory); DATA_DIR must be prepared with MODEL's tokenizer.json",
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.set_defaults(func=cmd_train)
 
@@ -232,6 +293,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--max-tokens", type=int, default=None, metavar="N", help="evaluate at most N tokens")
     ev.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file")
+    export_sub = export.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
+    model_help = "run directory, checkpoint directory or Hugging Face directory"
+    exp_hf = export_sub.add_parser(
+        "hf", help="Hugging Face LlamaForCausalLM directory (transformers loads it offline)"
+    )
+    exp_hf.add_argument("model", metavar="MODEL", help=model_help)
+    exp_hf.add_argument("out_dir", metavar="OUT_DIR")
+    exp_hf.add_argument(
+        "--max-shard-size",
+        type=_byte_size,
+        default=None,
+        metavar="SIZE",
+        help="split the weights into files of at most SIZE, e.g. 500MB (default 5GB)",
+    )
+    exp_hf.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    exp_hf.set_defaults(func=cmd_export_hf)
+    exp_gguf = export_sub.add_parser("gguf", help="GGUF file for llama.cpp")
+    exp_gguf.add_argument("model", metavar="MODEL", help=model_help)
+    exp_gguf.add_argument("out", metavar="OUT.gguf")
+    exp_gguf.add_argument(
+        "--dtype", choices=("f32", "f16", "q8_0"), default="f32", help="matrix storage (default f32)"
+    )
+    exp_gguf.add_argument("--force", action="store_true", help="replace an existing file")
+    exp_gguf.set_defaults(func=cmd_export_gguf)
 
     demo = sub.add_parser(
         "demo", help="tokenizer, data, training and samples on the built-in corpus, in minutes"

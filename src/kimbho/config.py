@@ -190,6 +190,23 @@ class TrainConfig:
         default=500, metadata=_doc("steps between checkpoints (a final one is always written)")
     )
     keep_last: int = field(default=3, metadata=_doc("how many checkpoints to keep"))
+    keep_best: bool = field(
+        default=True,
+        metadata=_doc("also keep the weights with the lowest validation loss in checkpoints/best/"),
+    )
+    max_skipped_steps: int = field(
+        default=10,
+        metadata=_doc(
+            "stop the run after this many optimizer steps in a row were skipped (NaN/Inf or spike)"
+        ),
+    )
+    skip_spikes: float = field(
+        default=0.0,
+        metadata=_doc(
+            "skip a step whose loss or gradient norm exceeds this many times its mean over the last "
+            "50 steps (0: off; NaN/Inf steps are always skipped)"
+        ),
+    )
     seed: int = field(default=1337, metadata=_doc("everything random derives from it"))
     precision: str = field(default="auto", metadata=_doc("auto | fp32 | bf16"))
     compile: str = field(default="auto", metadata=_doc("auto | true | false"))
@@ -208,6 +225,12 @@ class TrainConfig:
                 raise KimbhoError(f"train.{name} must not be negative, got {getattr(self, name)}")
         if self.keep_last < 1:
             raise KimbhoError(f"train.keep_last must be at least 1, got {self.keep_last}")
+        if self.max_skipped_steps < 1:
+            raise KimbhoError(f"train.max_skipped_steps must be at least 1, got {self.max_skipped_steps}")
+        if self.skip_spikes != 0 and self.skip_spikes <= 1:
+            raise KimbhoError(
+                f"train.skip_spikes must be 0 (off) or a factor above 1 (such as 3), got {self.skip_spikes}"
+            )
         if self.lr <= 0:
             raise KimbhoError(f"train.lr must be positive, got {self.lr}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:

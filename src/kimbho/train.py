@@ -2,7 +2,9 @@
 accumulation, periodic validation, samples and checkpoints.
 
 Batch `step` is a pure function of (seed, step) (see `RandomWindowSampler`), and every random
-state is saved with each checkpoint, so a resumed run continues exactly where it stopped.
+state is saved with each checkpoint, so a resumed run continues exactly where it stopped: same
+per-step losses, bit-identical weights. Steps with a NaN/Inf loss or gradient norm are skipped
+(`guard.py`); SIGTERM/SIGINT stop the run after the current step with a checkpoint (`interrupt.py`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import RunConfig, TrainConfig
-from .data import RandomWindowSampler, TokenStream, eval_windows, load_meta
+from .data import RandomWindowSampler, TokenStream, dataset_fingerprint, eval_windows, load_meta
 from .device import autocast, pick_device, pick_precision
 from .errors import KimbhoError
 from .evaluation import sum_loss, summarize
 from .generation import generate
+from .guard import StepGuard
+from .interrupt import GracefulStop
 from .metrics import MetricsLog
 from .model import KimbhoV1Model
 from .tokenizer import Tokenizer
@@ -72,9 +76,11 @@ def build_optimizer(model: KimbhoV1Model, cfg: TrainConfig, device: torch.device
 class Progress:
     """How far the run has come; saved with every checkpoint."""
 
-    step: int = 0
+    step: int = 0  # optimizer steps done, which is also the data position: the next batch is `step`
     tokens_seen: int = 0
     elapsed_sec: float = 0.0
+    skipped_steps: int = 0  # steps whose update the guard refused (NaN/Inf, spikes)
+    best_val_loss: float | None = None  # of checkpoints/best/
 
 
 class Trainer:
@@ -88,7 +94,11 @@ class Trainer:
         resume: bool = False,
         explicit_keys: set[str] | frozenset[str] = frozenset(),
         progress_bar: bool = True,
+        init_from: str | os.PathLike[str] | None = None,
+        force_resume: bool = False,
     ) -> None:
+        """`resume`: continue from the newest usable checkpoint in `out_dir`. It refuses a checkpoint
+        made with another model config, tokenizer or dataset unless `force_resume` is set."""
         self.run, self.cfg = run, run.train
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
         self.progress_bar = progress_bar
@@ -98,7 +108,9 @@ class Trainer:
             raise KimbhoError(
                 f"{self.data_dir}/tokenizer.json is not the tokenizer its shards were made with"
             )
-        self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
+        init = self._load_init(init_from, explicit_keys) if init_from is not None else None
+        if init is None:
+            self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
         self.seq_len = self.cfg.seq_len or run.model.max_seq_len
         if self.seq_len > run.model.max_seq_len:
             raise KimbhoError(
@@ -117,6 +129,8 @@ class Trainer:
         self.dtype = pick_precision(self.cfg.precision, self.device)
         torch.manual_seed(self.cfg.seed)
         self.model = KimbhoV1Model(run.model).to(self.device)
+        if init is not None:
+            self.model.load_state_dict(init.state_dict())
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)
         self.forward = self._maybe_compile(self.model)
 
@@ -125,7 +139,9 @@ class Trainer:
         )
         self.val_stream = TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
         self.progress = Progress()
-        self._prepare_run_dir(resume)
+        self.guard = StepGuard(self.cfg.skip_spikes)
+        self.fingerprint = {"tokenizer_sha256": self.tokenizer.sha256, "dataset": dataset_fingerprint(meta)}
+        self._prepare_run_dir(resume or force_resume, force_resume)
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -141,13 +157,33 @@ class Trainer:
                 f"(model.vocab_size); drop model.vocab_size to follow the tokenizer"
             )
 
+    def _load_init(
+        self, model_path: str | os.PathLike[str], explicit_keys: set[str] | frozenset[str]
+    ) -> KimbhoV1Model:
+        """`--init MODEL`: continue training MODEL (a run, checkpoint or Hugging Face directory).
+        Its config replaces `run.model`, and the data must have been made with its tokenizer."""
+        model_keys = sorted(k for k in explicit_keys if k.startswith("model."))
+        if model_keys:
+            raise KimbhoError(
+                f"--init takes the model config from {model_path}; drop {', '.join(model_keys)}"
+            )
+        model, tokenizer = checkpoint.load(model_path)
+        if tokenizer.sha256 != self.tokenizer.sha256:
+            raise KimbhoError(
+                f"{self.data_dir} was prepared with a different tokenizer than {model_path}; "
+                f"run `kimbho prepare --tokenizer` with the tokenizer.json of {model_path}"
+            )
+        self.run.model = model.config
+        log.info(f"starting from the weights of {model_path}")
+        return model
+
     def _maybe_compile(self, model: KimbhoV1Model) -> torch.nn.Module:
         # On CPU, compiling a small model costs more start-up time than it saves (see README);
         # on CUDA it pays, so `auto` compiles there only.
         wanted = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.device.type == "cuda")
         return torch.compile(model) if wanted else model  # type: ignore[return-value]
 
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _prepare_run_dir(self, resume: bool, force: bool) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_stale_temporaries(self.out)
         existing = checkpoint.list_checkpoints(self.out)
@@ -155,30 +191,48 @@ class Trainer:
             raise KimbhoError(
                 f"run directory {self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
             )
-        if resume and existing:
-            self._restore(existing[-1])
-        elif resume:
-            log.warning(f"--resume: {self.out} has no checkpoint yet, starting from step 0")
+        if resume:
+            self._resume(existing, force)
         self.run.save(self.out / "config.yaml")
         self.tokenizer.save(self.out / "tokenizer.json")
-        self.metrics = MetricsLog(self.out, append=self.progress.step > 0)
+        self.metrics = MetricsLog(self.out, resume_step=self.progress.step if resume else None)
 
-    def _restore(self, ckpt: Path) -> None:
-        checkpoint.verify(ckpt)
-        saved = checkpoint.read_model_config(ckpt)
-        if saved != self.run.model:
-            diff = {
-                k: (v, getattr(self.run.model, k))
-                for k, v in saved.to_dict().items()
-                if getattr(self.run.model, k) != v
-            }
+    def _resume(self, existing: list[Path], force: bool) -> None:
+        """Restore the newest checkpoint that loads; unusable ones are set aside with a warning."""
+        for ckpt in reversed(existing):
+            try:
+                self._restore(ckpt, force)
+                return
+            except checkpoint.CorruptCheckpoint as e:
+                aside = checkpoint.set_aside(ckpt)
+                log.warning(f"{e}; set it aside as {aside.name} and falling back to the previous checkpoint")
+        if existing:
             raise KimbhoError(
-                f"cannot resume {ckpt}: the model config differs from the checkpoint's (saved, now): {diff}"
+                f"no usable checkpoint in {self.out / checkpoint.CHECKPOINTS} (see the warnings above); "
+                f"run again with --resume to start from step 0"
+            )
+        log.warning(f"--resume: {self.out} has no checkpoint yet, starting from step 0")
+
+    def _restore(self, ckpt: Path, force: bool) -> None:
+        checkpoint.verify(ckpt)
+        state = checkpoint.load_trainer_state(ckpt)
+        refusals, changes = checkpoint.resume_differences(ckpt, state, self.run, self.fingerprint)
+        if refusals and not force:
+            raise KimbhoError(
+                f"cannot resume from {ckpt}: {'; '.join(refusals)}. Use the run's original settings "
+                f"(see {self.out / 'config.yaml'}) or pass --force-resume to continue anyway"
+            )
+        if refusals:
+            log.warning(f"--force-resume: continuing from {ckpt} although {'; '.join(refusals)}")
+        if changes:
+            log.warning(
+                f"train config changed since {ckpt.name}: {', '.join(changes)}; continuing with the new values"
             )
         checkpoint.load_weights(self.model, ckpt)
-        state = checkpoint.load_trainer_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
         _set_rng_state(state["rng"])
         log.info(f"resumed from {ckpt} at step {self.progress.step}")
 
@@ -201,9 +255,11 @@ class Trainer:
             total += loss.detach()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        loss_value, norm_value = total.item(), grad_norm.item()
+        if self.guard.allows(loss_value, norm_value):  # else weights and optimizer state stay as they were
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total.item(), grad_norm.item()
+        return loss_value, norm_value
 
     def evaluate(self) -> dict[str, float | int] | None:
         """Validation loss, perplexity and bits per byte on a fixed set of windows."""
@@ -232,17 +288,46 @@ class Trainer:
         return self.tokenizer.decode(ids[0, 1:].tolist(), skip_special_tokens=True)
 
     def save(self) -> Path:
+        """Checkpoint the whole training state at the current step (see `checkpoint.py`)."""
         state = {
             "optimizer": self.optimizer.state_dict(),
             "progress": vars(self.progress).copy(),
+            # The sampler's position, explicitly: batch `next_step` of RandomWindowSampler(seed).
+            "data": {
+                "next_step": self.progress.step,
+                "seed": self.cfg.seed,
+                "batch_size": self.cfg.batch_size,
+                "seq_len": self.seq_len,
+            },
             "rng": _rng_state(),
+            "guard": self.guard.state_dict(),
+            "fingerprint": self.fingerprint,
         }
         return checkpoint.save_checkpoint(
             self.out, self.progress.step, self.model, state, self.run, self.tokenizer, self.cfg.keep_last
         )
 
+    def _save_best(self, val_loss: float) -> None:
+        """Keep the weights of the lowest validation loss so far in checkpoints/best/."""
+        best = self.progress.best_val_loss
+        if not self.cfg.keep_best or not math.isfinite(val_loss) or (best is not None and val_loss >= best):
+            return
+        self.progress.best_val_loss = val_loss
+        checkpoint.save_checkpoint(
+            self.out,
+            self.progress.step,
+            self.model,
+            None,
+            self.run,
+            self.tokenizer,
+            self.cfg.keep_last,
+            name=checkpoint.BEST,
+            val_loss=val_loss,
+        )
+
     def fit(self) -> dict[str, Any]:
-        """Train to `max_steps`; returns the last train and eval records."""
+        """Train to `max_steps`; returns the last train and eval records, plus `stopped_by` (the
+        signal's name) when SIGTERM/SIGINT ended the run early, after saving a checkpoint."""
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * self.seq_len
         self.model.train()
@@ -259,52 +344,91 @@ class Trainer:
         session_start, elapsed_before = time.perf_counter(), self.progress.elapsed_sec
         last: dict[str, Any] = {}
         try:
-            while self.progress.step < cfg.max_steps:
-                step = self.progress.step
-                loss, grad_norm = self.train_step(step)
-                self.progress.step += 1
-                self.progress.tokens_seen += tokens_per_step
-                self.progress.elapsed_sec = elapsed_before + time.perf_counter() - session_start
-                interval_losses.append(loss)
-                interval_steps += 1
-                bar.update(1)
-                done = self.progress.step
-                if done % cfg.log_every == 0 or done == cfg.max_steps:
-                    seconds = time.perf_counter() - interval_start
-                    record = {
-                        "loss": sum(interval_losses) / len(interval_losses),
-                        "lr": lr_at(step, cfg),
-                        "grad_norm": grad_norm,
-                        "tokens_seen": self.progress.tokens_seen,
-                        "tokens_per_sec": interval_steps * tokens_per_step / max(seconds, 1e-9),
-                        "elapsed_sec": self.progress.elapsed_sec,
-                    }
-                    self.metrics.write("train", done, **record)
-                    last["train"] = record
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-                    interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
-                eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps
-                if eval_due and (result := self.evaluate()) is not None:
-                    record = {
-                        "val_loss": result["loss"],
-                        "val_ppl": result["perplexity"],
-                        "val_bpb": result["bits_per_byte"],
-                    }
-                    self.metrics.write("eval", done, **record)
-                    last["eval"] = record
-                    bar.write(
-                        f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}"
-                    )
-                # Samples come with each validation unless sample_every sets their own rhythm.
-                sample_due = done % cfg.sample_every == 0 if cfg.sample_every else eval_due
-                if sample_due and cfg.sample_tokens:
-                    self.metrics.write("sample", done, text=self.sample_text())
-                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-                    self.save()
+            with GracefulStop() as stop:
+                while self.progress.step < cfg.max_steps:
+                    step = self.progress.step
+                    loss, grad_norm = self.train_step(step)
+                    self.progress.step += 1
+                    self.progress.tokens_seen += tokens_per_step
+                    self.progress.elapsed_sec = elapsed_before + time.perf_counter() - session_start
+                    interval_steps += 1
+                    bar.update(1)
+                    done = self.progress.step
+                    if self.guard.last_reason is None:
+                        interval_losses.append(loss)
+                    else:
+                        self._record_skip(done, loss, grad_norm)
+                    if done % cfg.log_every == 0 or done == cfg.max_steps:
+                        seconds = time.perf_counter() - interval_start
+                        record = {
+                            "loss": sum(interval_losses) / len(interval_losses) if interval_losses else None,
+                            "lr": lr_at(step, cfg),
+                            "grad_norm": _finite_or_none(grad_norm),
+                            "tokens_seen": self.progress.tokens_seen,
+                            "tokens_per_sec": interval_steps * tokens_per_step / max(seconds, 1e-9),
+                            "elapsed_sec": self.progress.elapsed_sec,
+                            "skipped_steps": self.progress.skipped_steps,
+                        }
+                        self.metrics.write("train", done, **record)
+                        last["train"] = record
+                        if record["loss"] is not None:
+                            bar.set_postfix(
+                                loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}"
+                            )
+                        interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
+                    eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps
+                    if eval_due and (result := self.evaluate()) is not None:
+                        record = {
+                            "val_loss": result["loss"],
+                            "val_ppl": result["perplexity"],
+                            "val_bpb": result["bits_per_byte"],
+                        }
+                        self.metrics.write("eval", done, **record)
+                        last["eval"] = record
+                        bar.write(
+                            f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}"
+                        )
+                        self._save_best(record["val_loss"])
+                    # Samples come with each validation unless sample_every sets their own rhythm.
+                    sample_due = done % cfg.sample_every == 0 if cfg.sample_every else eval_due
+                    if sample_due and cfg.sample_tokens:
+                        self.metrics.write("sample", done, text=self.sample_text())
+                    save_due = (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps
+                    if save_due or stop.signal_name is not None:
+                        saved = self.save()
+                    if stop.signal_name is not None:
+                        log.warning(
+                            f"stopped by {stop.signal_name} after step {done}: saved {saved}; "
+                            f"continue with --resume"
+                        )
+                        last["stopped_by"] = stop.signal_name
+                        break
         finally:
             bar.close()
             self.metrics.close()
         return last
+
+    def _record_skip(self, done: int, loss: float, grad_norm: float) -> None:
+        """Count a step the guard refused; stop the run when too many come in a row."""
+        reason = self.guard.last_reason
+        self.progress.skipped_steps += 1
+        self.metrics.write(
+            "skip", done, reason=reason, loss=_finite_or_none(loss), grad_norm=_finite_or_none(grad_norm)
+        )
+        log.warning(f"step {done}: skipped the optimizer step: {reason}")
+        if self.guard.consecutive >= self.cfg.max_skipped_steps:
+            kept = checkpoint.list_checkpoints(self.out)
+            raise KimbhoError(
+                f"stopping: the last {self.guard.consecutive} steps (up to step {done}) were all skipped, "
+                f"the last for a {reason}; "
+                + (f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet")
+                + ". Lower train.lr or check the data, then continue with --resume"
+            )
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or Infinity: a non-finite number is recorded as null."""
+    return value if math.isfinite(value) else None
 
 
 def _rng_state() -> dict[str, Any]:
