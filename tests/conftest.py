@@ -66,6 +66,14 @@ def tiny_model() -> kimbho.KimbhoV1Model:
     return kimbho.KimbhoV1Model(KimbhoConfig.from_preset("tiny")).eval()
 
 
+@pytest.fixture
+def peaked_model() -> kimbho.KimbhoV1Model:
+    """A random `tiny` model with large weights: its next-token distributions are far from uniform,
+    so different prompts and seeds lead to visibly different outputs."""
+    torch.manual_seed(0)
+    return kimbho.KimbhoV1Model(KimbhoConfig.from_preset("tiny", init_std=0.2)).eval()
+
+
 def run_cli(*args: str) -> int:
     """Run the `kimbho` command in this process (fast); returns its exit status."""
     return cli_main([str(a) for a in args])

@@ -207,6 +207,20 @@ def test_force_resume_overrides_the_refusal(run_copy: Path, data_dir: Path, kimb
     assert any(m.startswith("--force-resume") and "model.dropout" in m for m in kimbho_log)
 
 
+def test_resume_refuses_another_optimizer(run_copy: Path, data_dir: Path, kimbho_log: list[str]) -> None:
+    saved = trained_run_config().train.optimizer
+    other = "adamw" if saved == "muon" else "muon"
+    run = trained_run_config()
+    run.train.optimizer = other
+    with pytest.raises(KimbhoError) as error:
+        kimbho.Trainer(run, data_dir, run_copy, resume=True, progress_bar=False)
+    assert f"train.optimizer is {saved!r} in the checkpoint but {other!r} now" in one_line(error)
+    trainer = kimbho.Trainer(run, data_dir, run_copy, force_resume=True, progress_bar=False)
+    assert trainer.progress.step == 120 and not trainer.optimizer.state_dict()["state"]
+    assert any(f"{saved}'s state is dropped" in m for m in kimbho_log)
+    trainer.train_step(120)  # the fresh optimizer steps from the checkpoint's weights
+
+
 def test_resume_refuses_another_dataset_or_tokenizer(
     run_copy: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -108,6 +108,16 @@ def test_stream_and_interactive_generation(trained_run: Path, capsys, monkeypatc
         (["generate", "{tmp}/nothing", "--prompt", "x"], "does not exist"),
         (["generate", "{run}", "--prompt", "x", "--max-new-tokens", "500"], "exceeds the model's context"),
         (["generate", "{run}", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["generate", "{run}", "--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["generate", "{run}", "--prompt", "x", "--top-k", "-1"], "top_k must be >= 0"),
+        (["generate", "{run}", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+        (["generate", "{run}", "--prompt", "x", "--num-beams", "0"], "num_beams must be >= 1"),
+        (["generate", "{run}", "--prompt", "x", "--max-new-tokens", "-1"], "max_new_tokens must be >= 0"),
+        (
+            ["generate", "{run}", "--prompt", "x " * 300, "--max-new-tokens", "1"],
+            "exceeds the model's context of 64",
+        ),
+        (["generate", "{run}", "--prompt", "x", "--stream", "--min-p", "3"], "min_p must be in [0, 1]"),
         (["eval", "{run}", "--data", "{tmp}/missing.txt"], "does not exist"),
         (["demo", "--minutes", "0"], "--minutes must be positive"),
     ],
@@ -118,6 +128,33 @@ def test_user_mistakes_are_one_line_errors(args, message, tmp_path, data_dir, tr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kimbho: error: ") and message in err[0], err
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def test_generate_flags(trained_run: Path, capsys, monkeypatch) -> None:
+    """Every sampling flag is accepted and does what it says; an empty prompt starts a new document."""
+    common = ["generate", trained_run, "--max-new-tokens", 12, "--temperature", 0]
+    assert run_cli(*common, "--prompt", "The", "--num-beams", 3) == 0
+    beam = capsys.readouterr().out
+    assert run_cli(*common, "--prompt", "The", "--num-beams", 3, "--stream") == 0
+    assert capsys.readouterr().out == beam and beam.startswith("The")
+    args = ["--temperature", 0.9, "--top-k", 20, "--top-p", 0.9, "--min-p", 0.05, "--repetition-penalty", 1.2]
+    assert run_cli(*common, "--prompt", "The", *args, "--presence-penalty", 0.5, "--seed", 3) == 0
+    assert capsys.readouterr().out.startswith("The")
+    assert run_cli(*common, "--prompt", "") == 0  # from the end-of-text token
+    assert len(capsys.readouterr().out) > 1
+    assert run_cli(*common, "--prompt", "The") == 0
+    free = capsys.readouterr().out.rstrip("\n")
+    stop = free[8:10]
+    assert run_cli(*common, "--prompt", "The", "--stop", stop) == 0
+    assert capsys.readouterr().out.rstrip("\n") == free[: free.index(stop, 3)]
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("The first\n" + "x " * 300 + "\nThe third\n"))
+    assert run_cli("generate", trained_run, "--max-new-tokens", 4, "--temperature", 0) == 1
+    out, err = capsys.readouterr()
+    assert "The first" in out and "The third" in out  # the session went on after the bad prompt
+    assert [line.startswith("kimbho: error: ") for line in err.strip().splitlines()] == [True, True]
+    assert "exceeds the model's context" in err
 
 
 def test_console_script_and_module_agree() -> None:

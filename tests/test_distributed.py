@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,9 @@ TRAIN_ARGS = [
     "train.seed=0",
 ]
 TOLERANCE = 1e-4
+# The optimizer each parallel mode is tested with: Muon (the default) needs whole matrices, so
+# FSDP runs AdamW (a Muon run under FSDP is refused).
+OPTIMIZER = {"ddp": "muon", "fsdp": "adamw"}
 
 
 def kimbho_train(
@@ -81,10 +85,19 @@ def show(title: str, runs: dict[str, list[float]]) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_process(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist") / "one"
-    assert run_cli("-q", "train", "--data", data_dir, "--out", out, *TRAIN_ARGS) == 0
-    return out
+def one_process(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The 1-process run with a given optimizer (trained once per module)."""
+    runs: dict[str, Path] = {}
+
+    def run(optimizer: str) -> Path:
+        if optimizer not in runs:
+            out = tmp_path_factory.mktemp("dist") / f"one-{optimizer}"
+            args = [*TRAIN_ARGS, f"train.optimizer={optimizer}"]
+            assert run_cli("-q", "train", "--data", data_dir, "--out", out, *args) == 0
+            runs[optimizer] = out
+        return runs[optimizer]
+
+    return run
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])
@@ -92,27 +105,32 @@ def two_processes(
     request: pytest.FixtureRequest, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     out = tmp_path_factory.mktemp("dist") / request.param
-    r = kimbho_train(
-        "--nproc", 2, "--data", data_dir, "--out", out, *TRAIN_ARGS, f"train.parallel={request.param}"
-    )
+    r = kimbho_train("--nproc", 2, "--data", data_dir, "--out", out, *TRAIN_ARGS, *settings_of(request.param))
     assert r.returncode == 0, r.stderr
     assert f"x 2 processes ({request.param})" in r.stderr
     assert r.stdout.count("finished") == 1 and r.stdout.count("val loss") == 2  # rank 0 speaks alone
     return out
 
 
-def test_two_processes_match_one_step_for_step(one_process: Path, two_processes: Path) -> None:
+def settings_of(parallel: str) -> list[str]:
+    return [f"train.parallel={parallel}", f"train.optimizer={OPTIMIZER[parallel]}"]
+
+
+def test_two_processes_match_one_step_for_step(
+    one_process: Callable[[str], Path], two_processes: Path
+) -> None:
     parallel = two_processes.name
+    one = one_process(OPTIMIZER[parallel])
     worst = show(
         f"per-step loss, global batch 8 x 32 tokens: 1 process vs 2 processes ({parallel})",
-        {"1 process": losses(one_process), f"2 proc {parallel}": losses(two_processes)},
+        {"1 process": losses(one), f"2 proc {parallel}": losses(two_processes)},
     )
     assert len(losses(two_processes)) == STEPS and worst <= TOLERANCE
     evals = [r["val_loss"] for r in read_metrics(two_processes, "eval")]
-    assert evals == pytest.approx([r["val_loss"] for r in read_metrics(one_process, "eval")], abs=TOLERANCE)
+    assert evals == pytest.approx([r["val_loss"] for r in read_metrics(one, "eval")], abs=TOLERANCE)
     assert len(read_metrics(two_processes, "sample")) == 2
     # Checkpoints in the single-process layout: bare-module names, whole tensors.
-    a, b = weights(one_process), weights(two_processes)
+    a, b = weights(one), weights(two_processes)
     assert a.keys() == b.keys() and not any(k.startswith(("module.", "_orig_mod.", "model.")) for k in b)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=TOLERANCE, rtol=0)
@@ -122,14 +140,14 @@ def test_two_processes_match_one_step_for_step(one_process: Path, two_processes:
 
 
 def test_checkpoint_resumes_exactly_on_two_processes_and_loads_in_one(
-    one_process: Path, two_processes: Path, data_dir: Path, tmp_path: Path
+    one_process: Callable[[str], Path], two_processes: Path, data_dir: Path, tmp_path: Path
 ) -> None:
     parallel = two_processes.name
     # As after a crash after step 3: only that checkpoint is left.
     resumed = tmp_path / "resumed"
     shutil.copytree(two_processes, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS:08d}")
-    settings = [*TRAIN_ARGS, f"train.parallel={parallel}", "--resume"]
+    settings = [*TRAIN_ARGS, *settings_of(parallel), "--resume"]
     r = kimbho_train("--nproc", 2, "--data", data_dir, "--out", resumed, *settings)
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stderr and "step-00000003" in r.stderr
@@ -146,7 +164,7 @@ def test_checkpoint_resumes_exactly_on_two_processes_and_loads_in_one(
         f"resumed at step 3 from the 2-process ({parallel}) checkpoint",
         {"2 processes": losses(two_processes), "then 1 proc": losses(single)},
     )
-    assert losses(single) == pytest.approx(losses(one_process), abs=TOLERANCE)
+    assert losses(single) == pytest.approx(losses(one_process(OPTIMIZER[parallel])), abs=TOLERANCE)
 
     # generate and export read it like any checkpoint.
     model, tokenizer = kimbho.load(resumed)
@@ -155,9 +173,11 @@ def test_checkpoint_resumes_exactly_on_two_processes_and_loads_in_one(
     assert run_cli("export", "hf", resumed, tmp_path / "hf") == 0
 
 
-def test_a_refused_resume_is_reported_once(data_dir: Path, one_process: Path, tmp_path: Path) -> None:
+def test_a_refused_resume_is_reported_once(
+    data_dir: Path, one_process: Callable[[str], Path], tmp_path: Path
+) -> None:
     run = tmp_path / "run"
-    shutil.copytree(one_process, run)
+    shutil.copytree(one_process("muon"), run)
     r = kimbho_train(
         "--nproc", 2, "--data", data_dir, "--out", run, *TRAIN_ARGS, "model.num_blocks=3", "--resume"
     )
@@ -245,7 +265,7 @@ def test_sigterm_to_one_process_stops_all_after_the_same_step(data_dir: Path, tm
 def test_sigterm_to_the_launcher_saves_and_stops(data_dir: Path, tmp_path: Path) -> None:
     """As SLURM or Kubernetes would: torchrun forwards the signal to every process."""
     out = tmp_path / "run"
-    proc = _start_long_run(data_dir, out, "train.parallel=fsdp")
+    proc = _start_long_run(data_dir, out, *settings_of("fsdp"))
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
@@ -286,6 +306,15 @@ def test_nproc_under_torchrun_is_refused(
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     assert run_cli("train", "--nproc", "2", "--data", data_dir, "--out", tmp_path / "run", *TRAIN_ARGS) == 1
     assert "under torchrun (or srun) leave it out" in capsys.readouterr().err
+
+
+def test_muon_under_fsdp_is_refused_once(data_dir: Path, tmp_path: Path) -> None:
+    r = kimbho_train(
+        "--nproc", 2, "--data", data_dir, "--out", tmp_path / "run", *TRAIN_ARGS, "train.parallel=fsdp"
+    )
+    assert isinstance(r, subprocess.CompletedProcess) and r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("kimbho: error:")]
+    assert len(errors) == 1 and "train.optimizer=muon needs whole weight matrices" in errors[0], r.stderr
 
 
 def test_fsdp_in_one_process_trains_unsharded(data_dir: Path, tmp_path: Path, kimbho_log: list[str]) -> None:

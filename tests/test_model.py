@@ -31,12 +31,33 @@ def test_kv_cache_holds_only_the_kv_heads(tiny_model: KimbhoV1Model) -> None:
 def test_cached_logits_equal_full_forward(tiny_model: KimbhoV1Model) -> None:
     ids = torch.randint(0, 512, (2, 24))
     cache = tiny_model.new_cache(2, 24)
+    pos = torch.arange(24).expand(2, 24)
     with torch.no_grad():
         full = tiny_model(ids)
-        pieces = [tiny_model(ids[:, :10], cache)]  # prefill
-        pieces += [tiny_model(ids[:, t : t + 1], cache) for t in range(10, 16)]  # one-token decode steps
-        pieces.append(tiny_model(ids[:, 16:], cache))  # a second chunk after decoding
+        pieces = [tiny_model(ids[:, :10], cache, pos[:, :10])]  # prefill
+        pieces += [
+            tiny_model(ids[:, t : t + 1], cache, pos[:, t : t + 1]) for t in range(10, 16)
+        ]  # decode steps
+        pieces.append(tiny_model(ids[:, 16:], cache, pos[:, 16:]))  # a second chunk after decoding
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_rows_advance_independently(tiny_model: KimbhoV1Model) -> None:
+    """One decode step over rows at different lengths (continuous batching) gives each row the
+    logits of its own full forward pass."""
+    a, b = torch.randint(5, 512, (1, 7)), torch.randint(5, 512, (1, 12))
+    cache = tiny_model.new_cache(2, 16)
+    with torch.no_grad():
+        tiny_model(a[:, :-1], cache.rows(0, 1), torch.arange(6)[None])  # prefill each row on its own
+        tiny_model(b[:, :-1], cache.rows(1, 1), torch.arange(11)[None])
+        step = tiny_model(torch.cat([a[:, -1:], b[:, -1:]]), cache, torch.tensor([[6], [11]]))
+        torch.testing.assert_close(step[0, -1], tiny_model(a)[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step[1, -1], tiny_model(b)[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_needs_positions(tiny_model: KimbhoV1Model) -> None:
+    with pytest.raises(KimbhoError, match="pass positions"):
+        tiny_model(torch.zeros(1, 3, dtype=torch.long), tiny_model.new_cache(1, 8))
 
 
 def test_too_long_sequence_is_a_clear_error(tiny_model: KimbhoV1Model) -> None:
@@ -111,6 +132,34 @@ def test_gqa_parity_with_transformers_llama(tie: bool) -> None:
         got = model(ids)
     assert (got - expected).abs().max().item() <= 1e-5
     assert expected.abs().max() > 0.1  # the comparison is not between near-zero tensors
+
+
+def test_gqa_parity_with_transformers_llama_in_bf16() -> None:
+    """Under bf16 autocast both models round at the same products: logits agree to bf16 precision."""
+    hf, cfg = _tiny_llama(False)
+    model = KimbhoV1Model(cfg).eval()
+    model.load_state_dict(from_hf(hf.state_dict(), cfg))
+    ids = torch.randint(0, 131, (2, 96))
+    with torch.no_grad():
+        reference = hf(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, got = hf(ids).logits.float(), model(ids).float()
+    scale = reference.abs().max().item()
+    assert (got - expected).abs().max().item() <= 0.02 * scale
+    assert (got - reference).abs().max().item() <= 0.02 * scale
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_model: KimbhoV1Model) -> None:
+    ids = torch.randint(0, 512, (2, 20))
+    tiny_model.train()
+    grads = []
+    for checkpointing in (False, True):
+        tiny_model.checkpoint_activations = checkpointing
+        tiny_model.zero_grad()
+        tiny_model(ids).square().mean().backward()
+        grads.append([p.grad.clone() for p in tiny_model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed)
 
 
 def test_hf_key_map_round_trip() -> None:

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kimbho import Tokenizer
 from kimbho.errors import KimbhoError
@@ -50,3 +52,36 @@ def test_training_errors(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(KimbhoError, match="not a valid tokenizer.json"):
         Tokenizer.from_file(tmp_path / "bad.json")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.lists(st.integers(min_value=0, max_value=511), max_size=20))
+def test_text_stream_pieces_join_to_the_decoded_text(tokenizer: Tokenizer, ids: list[int]) -> None:
+    """Any ids (special tokens, characters split across tokens, invalid byte sequences): the
+    pieces are whole characters and join to exactly `decode`."""
+    stream = tokenizer.text_stream()
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    for piece in pieces:
+        piece.encode("utf-8")  # strict
+
+
+def test_text_stream_holds_back_a_split_character(tokenizer: Tokenizer) -> None:
+    euro = "€".encode()  # 3 bytes: the byte tokens of a 512-token vocabulary split it
+    byte_ids = [tokenizer.token_bytes.index(bytes([b])) for b in euro]  # type: ignore[union-attr]
+    stream = tokenizer.text_stream()
+    assert [stream.push(i) for i in byte_ids] == ["", "", "€"]
+
+
+def test_text_stream_without_byte_level_decoding() -> None:
+    """A tokenizer that is not byte-level (a word-level one here) streams by re-decoding."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    inner = HFTokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    inner.decoder = decoders.WordPiece()
+    tok = Tokenizer(inner)
+    assert tok.token_bytes is None
+    stream = tok.text_stream()
+    text = "".join([stream.push(0), stream.push(1), stream.push(0), stream.flush()])
+    assert text == tok.decode([0, 1, 0])

@@ -27,7 +27,11 @@ _EXPORTS = {
     "prepare": "data",
     "KimbhoError": "errors",
     "evaluate": "evaluation",
+    "Engine": "engine",
+    "Request": "engine",
+    "SamplingParams": "sampling",
     "generate": "generation",
+    "generate_batch": "generation",
     "stream": "generation",
     "DecoderLanguageModel": "model",
     "KimbhoV1Model": "model",
@@ -37,11 +41,14 @@ _EXPORTS = {
 
 __all__ = [
     "DecoderLanguageModel",
+    "Engine",
     "KimbhoConfig",
     "KimbhoError",
     "KimbhoV1Model",
     "RandomWindowSampler",
+    "Request",
     "RunConfig",
+    "SamplingParams",
     "TokenDataset",
     "TokenStream",
     "Tokenizer",
@@ -49,6 +56,7 @@ __all__ = [
     "Trainer",
     "evaluate",
     "generate",
+    "generate_batch",
     "load",
     "prepare",
     "stream",
@@ -67,9 +75,11 @@ if TYPE_CHECKING:
     from .checkpoint import load
     from .config import KimbhoConfig, RunConfig, TrainConfig
     from .data import RandomWindowSampler, TokenDataset, TokenStream, prepare
+    from .engine import Engine, Request
     from .errors import KimbhoError
     from .evaluation import evaluate
-    from .generation import generate, stream
+    from .generation import generate, generate_batch, stream
     from .model import DecoderLanguageModel, KimbhoV1Model
+    from .sampling import SamplingParams
     from .tokenizer import Tokenizer
     from .train import Trainer

@@ -277,6 +277,11 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
+def saved_train_config(ckpt: Path) -> dict[str, Any]:
+    """The `train:` section of the run config a checkpoint was made with."""
+    return _read_yaml(ckpt / "run.yaml").get("train") or {}
+
+
 def resume_differences(
     ckpt: Path, state: dict[str, Any], run: RunConfig, fingerprint: dict[str, Any]
 ) -> tuple[list[str], list[str]]:
@@ -302,8 +307,13 @@ def resume_differences(
                 f"the dataset's {split} split differs ({_describe_split(was)} in the checkpoint, "
                 f"{_describe_split(now)} now)"
             )
-    saved_train = _read_yaml(ckpt / "run.yaml").get("train") or {}
+    saved_train = saved_train_config(ckpt)
     current_train = run.to_dict()["train"]
+    if saved_train.get("optimizer", current_train["optimizer"]) != current_train["optimizer"]:
+        refusals.append(
+            f"train.optimizer is {saved_train['optimizer']!r} in the checkpoint but "
+            f"{current_train['optimizer']!r} now, and its state cannot carry over"
+        )
     changes = [
         f"train.{key} {saved_train[key]!r} -> {value!r}"
         for key, value in current_train.items()

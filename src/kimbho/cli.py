@@ -127,38 +127,45 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoint import load
-    from .generation import encode_prompt, generate, stream
+    from .generation import stream
 
-    model, tokenizer = load(args.model)
-    sampling = dict(
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        num_beams=args.num_beams,
+        seed=args.seed,
+        stop=args.stop,
     )
-    prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
-    for prompt in prompts:
-        if args.stream:
-            print(prompt, end="", flush=True)
-            for piece in stream(model, tokenizer, prompt, args.max_new_tokens, seed=args.seed, **sampling):
-                print(piece, end="", flush=True)
-            print()
-            continue
-        ids = encode_prompt(tokenizer, prompt)
-        out = generate(
-            model,
-            ids,
-            args.max_new_tokens,
-            num_beams=args.num_beams,
-            eos_token_id=tokenizer.eot_id,
-            seed=args.seed,
-            **sampling,
-        )  # type: ignore[arg-type]
-        new = out[0, ids.shape[1] :].tolist()
-        if tokenizer.eot_id in new:
-            new = new[: new.index(tokenizer.eot_id)]
-        print(prompt + tokenizer.decode(new), flush=True)
+    model, tokenizer = load(args.model)
+    if args.prompt is not None:
+        _print_generation(stream(model, tokenizer, args.prompt, **options), args.prompt, args.stream)  # type: ignore[arg-type]
+        return
+    failed = 0
+    for prompt in _stdin_prompts():  # interactive: a bad prompt is reported and the session goes on
+        try:
+            _print_generation(stream(model, tokenizer, prompt, **options), prompt, args.stream)  # type: ignore[arg-type]
+        except KimbhoError as e:
+            print(f"kimbho: error: {e}", file=sys.stderr, flush=True)
+            failed += 1
+    if failed:
+        raise KimbhoError(f"{failed} prompt(s) failed (see above)")
+
+
+def _print_generation(pieces: Iterator[str], prompt: str, streaming: bool) -> None:
+    """The prompt and its continuation on one line; piece by piece as they come when streaming."""
+    if streaming:
+        print(prompt, end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(prompt + "".join(pieces), flush=True)
 
 
 def _stdin_prompts() -> Iterator[str]:
@@ -306,8 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling (default 0.95)")
     gen.add_argument("--min-p", type=float, default=None, metavar="P")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R")
-    gen.add_argument("--num-beams", type=int, default=1, metavar="B")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, metavar="P", help="OpenAI's, in [-2, 2]")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, metavar="P", help="OpenAI's, in [-2, 2]")
+    gen.add_argument("--num-beams", type=int, default=1, metavar="B", help="beam search with B beams")
     gen.add_argument("--seed", type=int, default=None, metavar="S", help="same seed, same text")
+    gen.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="end the text at TEXT (repeatable)"
+    )
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.set_defaults(func=cmd_generate)
 

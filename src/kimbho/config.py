@@ -156,18 +156,18 @@ class TrainConfig:
     gradient-accumulation micro-steps."""
 
     batch_size: int = field(
-        default=32, metadata=_doc("sequences per optimizer step (all processes, all micro-steps)")
+        default=16, metadata=_doc("sequences per optimizer step (all processes, all micro-steps)")
     )
     micro_batch_size: int | None = field(
         default=None,
         metadata=_doc("sequences per forward pass on one process; unset: the whole per-process batch"),
     )
     seq_len: int | None = field(default=None, metadata=_doc("tokens per sequence; unset: model.max_seq_len"))
-    lr: float = field(default=1e-3, metadata=_doc("peak learning rate"))
+    lr: float = field(default=3e-3, metadata=_doc("peak learning rate (Muon and AdamW alike)"))
     min_lr_ratio: float = field(default=0.1, metadata=_doc("final learning rate as a fraction of the peak"))
-    warmup_steps: int = field(default=100, metadata=_doc("linear warm-up steps"))
+    warmup_steps: int = field(default=25, metadata=_doc("linear warm-up steps"))
     max_steps: int = field(default=1000, metadata=_doc("length of the run; the schedule ends here"))
-    schedule: str = field(default="cosine", metadata=_doc("cosine | wsd (warm-up, stable, decay) | constant"))
+    schedule: str = field(default="wsd", metadata=_doc("wsd (warm-up, stable, decay) | cosine | constant"))
     decay_fraction: float = field(default=0.2, metadata=_doc("wsd: fraction of the run spent decaying"))
     weight_decay: float = field(default=0.1, metadata=_doc("AdamW weight decay (matrices only)"))
     beta1: float = field(default=0.9, metadata=_doc("AdamW beta1"))
@@ -210,7 +210,13 @@ class TrainConfig:
     seed: int = field(default=1337, metadata=_doc("everything random derives from it"))
     precision: str = field(default="auto", metadata=_doc("auto | fp32 | bf16"))
     compile: str = field(default="auto", metadata=_doc("auto | true | false"))
-    optimizer: str = field(default="adamw", metadata=_doc("adamw | muon"))
+    optimizer: str = field(
+        default="muon", metadata=_doc("muon (Muon for hidden matrices, AdamW for the rest) | adamw")
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata=_doc("recompute each block's activations in backward: less memory, ~1/3 more compute"),
+    )
     device: str = field(
         default="auto", metadata=_doc("auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     )

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import KimbhoError, ReportedElsewhere
+from .optim import MuonWithAdamW, Optimizer
 
 log = logging.getLogger("kimbho")
 
@@ -287,24 +288,26 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def full_optimizer_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
     """The optimizer's whole state keyed by parameter name (so it loads whatever the process
     count or sharding), on rank 0's CPU (empty elsewhere). Every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
+    return get_optimizer_state_dict(model, _parts(optimizer), options=options)
 
 
 def load_full_state(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     weights: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
     world: World,
+    with_optimizer: bool = True,
 ) -> None:
     """Load a full state (from `full_weights` and `full_optimizer_state`), which only rank 0 needs
-    to have read: it is broadcast to the others, and sharded again under FSDP."""
+    to have read: it is broadcast to the others, and sharded again under FSDP. `with_optimizer`
+    (the same on every process) False leaves the optimizer as it is."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -313,14 +316,17 @@ def load_full_state(
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1)
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(
-        model, optimizer, _keyed_by_name(model, optimizer, optimizer_state), options=options
-    )
+    if with_optimizer:
+        state = _keyed_by_name(model, optimizer, optimizer_state)
+        set_optimizer_state_dict(model, _parts(optimizer), state, options=options)
 
 
-def _keyed_by_name(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> dict[str, Any]:
+def _parts(optimizer: Optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind `optimizer`: Muon's recipe is two of them (see `optim.py`)."""
+    return [optimizer.muon, optimizer.adamw] if isinstance(optimizer, MuonWithAdamW) else [optimizer]
+
+
+def _keyed_by_name(model: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
     """Optimizer state keyed by parameter name. Checkpoints from before multi-process training
     hold `optimizer.state_dict()`, keyed by each parameter's position in the param groups: the
     optimizer built the same way has the parameters in the same order."""

@@ -1,59 +1,21 @@
-"""The generation loop: one generator that yields tokens, reused by `generate`, `stream`, the CLI
-and the tests. The prompt is prefilled into a key/value cache in one pass; each later step feeds
-one token per row."""
+"""Generation for callers: `generate` (equal-length prompts in a tensor), `generate_batch` (prompts
+of any lengths), `stream` (text pieces as they come). Each is a thin wrapper over the `Engine`
+(continuous batching over a key/value cache) or, for `num_beams > 1`, `beam_search` on one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from .beam_search import beam_search
+from .engine import Engine, Request
 from .errors import KimbhoError
 from .model import KimbhoV1Model
-from .sampling import SamplingParams, next_token
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
-
-@torch.inference_mode()
-def generate_tokens(
-    model: KimbhoV1Model,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    params: SamplingParams,
-    eos_token_id: int | None = None,
-    seed: int | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), up to `max_new_tokens` times; stop early once every
-    row has produced `eos_token_id` (rows that finished keep yielding it)."""
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise KimbhoError("the prompt must be a (batch, length) tensor of at least one token")
-    if max_new_tokens < 0:
-        raise KimbhoError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    batch, prompt_len = input_ids.shape
-    context = model.config.max_seq_len
-    if prompt_len + max_new_tokens > context:
-        raise KimbhoError(
-            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}"
-        )
-    if max_new_tokens == 0:
-        return
-    device = model.embed.weight.device
-    input_ids = input_ids.to(device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(batch, prompt_len + max_new_tokens)
-    seen = input_ids
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits = model.head(model.features(input_ids, cache)[:, -1])  # only the last position matters
-    for step in range(max_new_tokens):
-        token = next_token(logits, params, seen if params.repetition_penalty != 1.0 else None, generator)
-        if eos_token_id is not None:
-            token = token.masked_fill(finished, eos_token_id)
-            finished |= token == eos_token_id
-        yield token
-        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-            return
-        seen = torch.cat([seen, token[:, None]], dim=1)
-        logits = model.head(model.features(token[:, None], cache)[:, -1])
+MAX_SLOTS = 64  # generate_batch decodes at most this many sequences at once; the rest wait
 
 
 def generate(
@@ -68,14 +30,79 @@ def generate(
     num_beams: int = 1,
     eos_token_id: int | None = None,
     seed: int | None = None,
+    **options: float | bool,
 ) -> torch.Tensor:
-    """Continue each row of `input_ids` (B, T); returns (B, T + new) token ids."""
-    if num_beams != 1:
-        raise KimbhoError("beam search (num_beams > 1) is not available yet")
-    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
-    new = list(generate_tokens(model, input_ids, max_new_tokens, params, eos_token_id, seed))
-    out = [input_ids.to(model.embed.weight.device)] + [t[:, None] for t in new]
-    return torch.cat(out, dim=1)
+    """Continue each row of `input_ids` (B, T); returns (B, T + new) token ids.
+
+    A row that produced `eos_token_id` is padded with it up to the longest row. Each row equals
+    what it gives alone, seeded rows included: every row draws from a generator seeded with
+    `seed`. `options` are the further keywords of `generate_batch`."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise KimbhoError("the prompt must be a (batch, length) tensor of at least one token")
+    rows = generate_batch(
+        model,
+        list(input_ids),
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repetition_penalty,
+        num_beams,
+        eos_token_id,
+        seed,
+        **options,  # type: ignore[arg-type]
+    )
+    width = max(len(r) for r in rows)
+    padded = [r + [eos_token_id] * (width - len(r)) for r in rows]  # short rows only when eos is set
+    return torch.tensor(padded, dtype=torch.long, device=model.embed.weight.device)
+
+
+def generate_batch(
+    model: KimbhoV1Model,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+    eos_token_id: int | None = None,
+    seed: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    length_penalty: float = 1.0,
+    early_stopping: bool = False,
+) -> list[list[int]]:
+    """Continue prompts of different lengths together; returns one list per prompt: the prompt,
+    then its continuation (ending with `eos_token_id` if it produced it). Each list equals what
+    its prompt gives alone. `length_penalty` and `early_stopping` apply to beam search."""
+    params = SamplingParams(
+        temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
+    )
+    if num_beams < 1:
+        raise KimbhoError(f"num_beams must be >= 1, got {num_beams}")
+    stop = (eos_token_id,) if eos_token_id is not None else ()
+    requests = [Request(p, max_new_tokens, params, seed, stop) for p in prompts]
+    if not requests:
+        return []
+    context = model.config.max_seq_len
+    max_len = min(max(len(r.prompt) for r in requests) + max_new_tokens, context)
+    if num_beams > 1:
+        engine = Engine(model, slots=num_beams, max_len=max_len)
+        best = [
+            beam_search(
+                engine, r.prompt, num_beams, max_new_tokens, eos_token_id, length_penalty, early_stopping
+            )
+            for r in requests
+        ]
+        return [[*r.prompt, *b.tokens] for r, b in zip(requests, best, strict=True)]
+    engine = Engine(model, slots=min(len(requests), MAX_SLOTS), max_len=max_len)
+    outputs = [list(r.prompt) for r in requests]
+    for event in engine.run(requests):
+        outputs[event.request_id].append(event.token)  # ids count up in the order of the requests
+    return outputs
 
 
 def stream(
@@ -83,27 +110,39 @@ def stream(
     tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int = 64,
-    **sampling: object,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text pieces, each valid UTF-8: a character whose bytes
-    span several tokens is held back until it is complete. Stops at end-of-text."""
-    seed = sampling.pop("seed", None)
-    params = SamplingParams(**sampling)  # type: ignore[arg-type]
-    ids = encode_prompt(tokenizer, prompt)
-    generated: list[int] = []
-    emitted = ""
-    for token in generate_tokens(model, ids, max_new_tokens, params, tokenizer.eot_id, seed):  # type: ignore[arg-type]
-        if tokenizer.eot_id is not None and int(token[0]) == tokenizer.eot_id:
-            break
-        generated.append(int(token[0]))
-        text = tokenizer.decode(generated)
-        if text.endswith("\ufffd"):
-            continue  # an incomplete character: wait for its remaining bytes
-        yield text[len(emitted) :]
-        emitted = text
-    text = tokenizer.decode(generated)
-    if len(text) > len(emitted):
-        yield text[len(emitted) :]
+    """Yield the continuation of `prompt` as text pieces, each whole characters (valid UTF-8):
+    joined, they equal the decoded output of `generate`. Stops at end-of-text or at a `stop`
+    string (not included). Beam search has no meaningful partial output: its text comes in one
+    piece at the end."""
+    ids = encode_prompt(tokenizer, prompt)[0].tolist()
+    eot = (tokenizer.eot_id,) if tokenizer.eot_id is not None else ()
+    params = SamplingParams(
+        temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
+    )
+    request = Request(ids, max_new_tokens, params, seed, eot, tuple(stop))
+    if num_beams != 1:
+        if stop:
+            raise KimbhoError("stop strings are not supported with beam search")
+        [row] = generate_batch(
+            model, [ids], max_new_tokens, num_beams=num_beams, eos_token_id=tokenizer.eot_id
+        )
+        new = row[len(ids) :]
+        return iter([tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eot_id else new)])
+    max_len = min(len(ids) + max_new_tokens, model.config.max_seq_len)
+    engine = Engine(model, tokenizer, slots=1, max_len=max(max_len, 1))
+    engine.check_fits(len(ids), max_new_tokens)  # here, not at the first piece
+    return (event.text for event in engine.run([request]) if event.text)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> torch.Tensor:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import KimbhoConfig
 from .errors import KimbhoError
@@ -70,25 +71,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values of every layer, `(num_blocks, B, num_kv_heads, max_len, head_dim)`:
-    static shapes, so a decode step allocates nothing and can be compiled. `length` is the number
-    of positions already filled."""
+    """Preallocated keys and values of every layer, `(num_blocks, slots, num_kv_heads, max_len, head_dim)`.
+
+    Static shapes, so a decode step allocates nothing and can be compiled (and captured in a CUDA
+    graph). The cache keeps no lengths: every call says at which positions its tokens sit, so each
+    row (slot) advances on its own, which is what continuous batching needs."""
 
     keys: torch.Tensor
     values: torch.Tensor
-    length: int = 0
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
 
     @property
     def max_len(self) -> int:
         return self.keys.shape[3]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv, T, hd) at positions [length, length+T) of `layer`; return the
-        keys and values of all positions so far."""
-        end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def rows(self, start: int, count: int) -> KVCache:
+        """A view of slots [start, start + count): writes through it land in this cache."""
+        return KVCache(self.keys[:, start : start + count], self.values[:, start : start + count])
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slot dst[i] becomes a copy of slot src[i] (n samples of one prompt, beam reordering)."""
+        self.keys[:, dst] = self.keys[:, src]
+        self.values[:, dst] = self.values[:, src]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) of `layer` at `positions` (B, T), each row at its own
+        positions; return that layer's keys and values of every position, (B, n_kv, max_len, hd)."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1), broadcast against (B, T)
+        self.keys[layer][rows, :, positions] = k.transpose(1, 2)  # indexed view: (B, T, n_kv, hd)
+        self.values[layer][rows, :, positions] = v.transpose(1, 2)
+        return self.keys[layer], self.values[layer]
 
 
 class GroupedQueryAttention(nn.Module):
@@ -110,6 +127,7 @@ class GroupedQueryAttention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
+        positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -119,23 +137,18 @@ class GroupedQueryAttention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
         if cache is not None:
-            past = cache.length
-            k, v = cache.update(layer, k, v)  # (B, n_kv, past + T, hd)
-        # Without a mask the queries are causal among themselves; a single decoding query
-        # attends to every cached position, so it needs no mask at all.
-        causal = mask is None and T > 1
-        if causal and past > 0:
-            # Chunked prefill: query i sits at position past + i and may see keys 0..past + i.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
+            assert positions is not None and mask is not None
+            k, v = cache.update(layer, k, v, positions)  # (B, n_kv, max_len, hd)
+            # Only the first kv_len positions can be visible to any query (the mask says which).
+            kv_len = mask.shape[-1]
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, n_kv, kv_len, hd)
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            is_causal=causal,
+            is_causal=mask is None and T > 1,  # without a cache the queries are causal among themselves
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, nh, T, hd)
@@ -169,11 +182,12 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None,
-        layer: int,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask))
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, positions, mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -195,6 +209,9 @@ class KimbhoV1Model(nn.Module):
         self.head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        # Activation checkpointing: keep only each block's input for backward and recompute the
+        # rest (~1/3 more compute for a fraction of the activation memory; for large presets).
+        self.checkpoint_activations = False
         # Not persistent: derived from the config, so they stay out of checkpoints.
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -219,31 +236,67 @@ class KimbhoV1Model(nn.Module):
         with torch.no_grad():
             self.embed.weight[self.config.pad_idx].zero_()
 
-    def features(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final normalised hidden states (B, T, emb_dim), before the head. With a cache, the
-        tokens continue the cached positions and the cache advances by T."""
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, emb_dim), before the head.
+
+        With a cache, token (b, t) sits at position `positions[b, t]`: its key and value are
+        stored there and it attends to every cached position up to its own. Rows are independent,
+        so each can be at a different length. `kv_len` (default: the cache's length) bounds the
+        positions attended to; a shorter one saves work when every row is short."""
         if input_ids.dim() != 2:
             raise KimbhoError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
-        start = cache.length if cache is not None else 0
-        limit = min(self.config.max_seq_len, cache.max_len) if cache is not None else self.config.max_seq_len
-        if start + T > limit:
-            raise KimbhoError(f"sequence of {start + T} tokens is longer than the model's context of {limit}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hd)
+        mask = None
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise KimbhoError(
+                    f"sequence of {T} tokens is longer than the model's context of {self.config.max_seq_len}"
+                )
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+        else:
+            if positions is None or positions.shape != input_ids.shape:
+                raise KimbhoError(
+                    "with a cache, pass positions of the same (batch, seq_len) shape as input_ids"
+                )
+            kv_len = kv_len or cache.max_len
+            if not torch.compiler.is_compiling():  # a host sync: checked in eager mode only
+                limit = min(self.config.max_seq_len, kv_len)
+                if int(positions.max()) >= limit:
+                    raise KimbhoError(
+                        f"sequence of {int(positions.max()) + 1} tokens is longer than the model's context of {limit}"
+                    )
+            cos, sin = (
+                self.rope_cos[positions].unsqueeze(1),
+                self.rope_sin[positions].unsqueeze(1),
+            )  # (B, 1, T, hd)
+            # Key j is visible to the query at position p when j <= p: causal, and blind to
+            # positions of the row not written yet.
+            visible = torch.arange(kv_len, device=input_ids.device) <= positions[..., None]  # (B, T, kv_len)
+            mask = visible.unsqueeze(1)  # (B, 1, T, kv_len): broadcast over heads
         x = self.embed(input_ids)  # (B, T, emb)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
-        if cache is not None:
-            cache.length += T
+            if self.checkpoint_activations and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, cos, sin, None, i, None, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, i, positions, mask)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.head(self.features(input_ids, cache))
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size); see `features` for the cache and positions."""
+        return self.head(self.features(input_ids, cache, positions))
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens."""
+        """An empty key/value cache for `batch_size` sequences (slots) of up to `max_len` tokens."""
         max_len = max_len or self.config.max_seq_len
         weight = self.embed.weight
         shape = (self.config.num_blocks, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim)

@@ -1,7 +1,9 @@
 """Choosing the next token: small pure functions over a (B, vocab) logits tensor.
 
-Order of application, as in Hugging Face and llama.cpp: repetition penalty, temperature, then
-the truncations (top-k, top-p, min-p), then a draw. Temperature 0 means greedy.
+Order of application, as in Hugging Face and llama.cpp: penalties, temperature, then the
+truncations (top-k, top-p, min-p), then a draw. Temperature 0 means greedy. Every draw takes the
+row's own `torch.Generator`, so a seeded request samples the same tokens whatever else shares its
+batch.
 """
 
 from __future__ import annotations
@@ -15,11 +17,19 @@ from .errors import KimbhoError
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one sequence picks its tokens. `temperature=0` (or `top_k=1`) is greedy.
+
+    `repetition_penalty` (CTRL, Keskar et al. 2019; 1 is off) acts on every token of the prompt
+    and the output, as in Hugging Face; `presence_penalty` and `frequency_penalty` (OpenAI's,
+    0 is off) act on the output only, as in vLLM."""
+
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -32,20 +42,36 @@ class SamplingParams:
             raise KimbhoError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise KimbhoError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise KimbhoError(f"{name} must be in [-2, 2] (0 is off), got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty (Keskar et al. 2019): logits of tokens already in `seen` (B, N) are divided
-    by `penalty` when positive and multiplied by it when negative."""
-    if penalty == 1.0 or seen.numel() == 0:
+    """CTRL's penalty: logits of tokens marked in `seen` (B, vocab, bool) are divided by `penalty`
+    when positive and multiplied by it when negative."""
+    if penalty == 1.0:
         return logits
-    picked = logits.gather(-1, seen)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(-1, seen, picked)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties: subtract `presence` from every token that occurred and `frequency`
+    times its number of occurrences; `counts` (B, vocab) counts the output tokens."""
+    if presence == 0 and frequency == 0:
+        return logits
+    return logits - presence * (counts > 0) - frequency * counts
 
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -62,9 +88,9 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     if p is None or p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    probs = sorted_logits.softmax(-1)
     # A token is dropped when the mass before it already reaches p.
-    drop = (cumulative - sorted_logits.softmax(-1)) >= p
+    drop = (probs.cumsum(-1) - probs) >= p
     drop[..., 0] = False
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
@@ -79,18 +105,35 @@ def min_p_filter(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def next_token(
+def process_logits(
     logits: torch.Tensor,
     params: SamplingParams,
     seen: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The next token id of each row, (B,), from last-position logits (B, vocab)."""
+    """Penalties, temperature and truncation applied to fp32 logits (B, vocab): the scores a
+    draw is made from. `seen` marks prompt and output tokens, `counts` counts output tokens."""
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None:
+        logits = apply_presence_frequency_penalty(
+            logits, counts, params.presence_penalty, params.frequency_penalty
+        )
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / params.temperature
-    logits = min_p_filter(top_p_filter(top_k_filter(logits, params.top_k), params.top_p), params.min_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return min_p_filter(top_p_filter(top_k_filter(logits, params.top_k), params.top_p), params.min_p)
+
+
+def draw(
+    scores: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """One token per row, (B,), from processed scores (B, vocab): the argmax when greedy, else a
+    draw from softmax(scores) with row i's own generator."""
+    if params.greedy:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(-1)
+    return torch.cat(
+        [torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generators, strict=True)]
+    )

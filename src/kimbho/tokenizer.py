@@ -10,6 +10,8 @@ ordinary text, so user data cannot forge a document boundary.
 
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
 import json
 import os
@@ -116,6 +118,83 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.inner.token_to_id(token)
+
+    def text_stream(self) -> TextStream:
+        """An incremental decoder: feed it generated ids one at a time, get text pieces back."""
+        return TextStream(self)
+
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes] | None:
+        """The bytes each id stands for, when the decoder is byte-level (None otherwise).
+
+        Mirrors the `tokenizers` ByteLevel decoder: each character of the token's string maps
+        back to one byte through GPT-2's byte-to-character table; a token with a character
+        outside that table (an added token, say) stands for its own UTF-8 encoding."""
+        if not isinstance(self.inner.decoder, decoders.ByteLevel):
+            return None
+        to_byte = {char: byte for byte, char in _byte_to_char().items()}
+        table = []
+        for i in range(self.vocab_size):
+            token = self.inner.id_to_token(i) or ""
+            mapped = [to_byte.get(c) for c in token]
+            table.append(token.encode() if None in mapped else bytes(mapped))  # type: ignore[arg-type]
+        return table
+
+
+class TextStream:
+    """Turns ids, fed one at a time, into text pieces that are always whole characters, so that
+    the pieces joined equal `tokenizer.decode(all ids)`.
+
+    A byte-level BPE token may end inside a multi-byte character; its bytes are held back until
+    the character is complete (an incremental UTF-8 decoder does exactly that, and replaces
+    invalid bytes the way `tokenizers` does). For tokenizers that are not byte-level, the text
+    of all ids so far is decoded again and only a stable extension is emitted: a trailing
+    U+FFFD (an incomplete byte-fallback character) waits for the next id."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._bytes = tokenizer.token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._emitted = ""
+
+    def push(self, token_id: int) -> str:
+        """The text that `token_id` completes (possibly empty)."""
+        if self._bytes is not None:
+            return self._utf8.decode(self._bytes[token_id])
+        self._ids.append(token_id)
+        text = self.tokenizer.decode(self._ids)
+        if text.endswith("\ufffd") or not text.startswith(self._emitted):
+            return ""
+        piece, self._emitted = text[len(self._emitted) :], text
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is held back, at the end of generation (invalid bytes become U+FFFD)."""
+        if self._bytes is not None:
+            return self._utf8.decode(b"", final=True)
+        text = self.tokenizer.decode(self._ids)
+        piece = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
+        self._emitted = text
+        return piece
+
+
+@functools.cache
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE: printable Latin-1
+    bytes stand for themselves, the other 68 bytes for the characters from U+0100 on."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 class _CountingIterator(Iterator[str]):

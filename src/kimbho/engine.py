@@ -1,0 +1,485 @@
+"""The generation engine: sequences decoded together in the slots of one key/value cache.
+
+A slot is one row of the cache and holds one sequence at its own length. A request is prefilled
+into a free slot (its prompt in one pass) while the other slots keep their place; each `step()`
+advances every active slot by one token with one batched forward pass and picks the next token
+of each; a sequence that finishes frees its slot for the next request. That is
+continuous batching, and every way Kimbho generates goes through it: `generate`,
+`generate_batch`, `stream`, the CLI and beam search (which uses the lower-level `prefill`,
+`decode` and `copy_slot`).
+
+    engine = Engine(model, tokenizer, slots=8)
+    for event in engine.run([Request(ids_a, 64), Request(ids_b, 32, SamplingParams(0.8), seed=1)]):
+        print(event.request_id, event.token, event.text, event.finish_reason)
+
+Each sequence draws from its own seeded `torch.Generator` and rows never mix in the forward
+pass, so a request's tokens do not depend on what else shares the batch (up to the rounding of
+batched matrix products).
+
+The decode step is a plain function of static-shape tensors. In eager mode (the default on CPU,
+where compiling measurably did not pay, see README) it runs on the slots in use and the cached
+positions filled so far. With `compile=True` (the default on CUDA) it always runs on every slot
+and the whole cache, so one compiled graph, captured in a CUDA graph on GPUs, serves every step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import KimbhoError
+from .model import KimbhoV1Model, KVCache
+from .sampling import SamplingParams, draw, process_logits
+from .tokenizer import TextStream, Tokenizer
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to generate for one prompt.
+
+    `stop_token_ids` end a sequence when produced (the end-of-text token, typically); `stop`
+    strings end it when its text contains one (the text is cut before it; needs an engine with a
+    tokenizer). `n` independent samples share one prefill. `logprobs=None` reports no
+    log-probabilities, 0 the chosen token's, k also the k most likely tokens'; all are of the
+    model's own distribution, before penalties, temperature and truncation. Sample i of a
+    seeded request draws from a generator seeded with `seed + i`."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 64
+    params: SamplingParams = SamplingParams()
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        prompt = self.prompt.tolist() if isinstance(self.prompt, torch.Tensor) else self.prompt
+        object.__setattr__(self, "prompt", tuple(int(t) for t in prompt))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not self.prompt:
+            raise KimbhoError("the prompt is empty; start it with at least one token (e.g. end-of-text)")
+        if self.max_new_tokens < 0:
+            raise KimbhoError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.n < 1:
+            raise KimbhoError(f"n (samples per prompt) must be >= 1, got {self.n}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise KimbhoError(f"logprobs must be >= 0 (or None: off), got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise KimbhoError("stop strings must not be empty")
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one sequence. `text` is the new text it completes: whole
+    characters only, stop strings cut, possibly empty. `finish_reason` is set on a sequence's
+    last token: "stop" (a stop token or string) or "length" (max_new_tokens reached)."""
+
+    request_id: int
+    index: int  # which of the request's n samples
+    token: int
+    text: str = ""
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Sequence:
+    request_id: int
+    index: int
+    request: Request
+    generator: torch.Generator | None
+    text: TextStream | None
+    stops: _StopStrings | None
+    tokens: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Slots of one key/value cache, advanced together; see the module docstring.
+
+    `slots` sequences of up to `max_len` tokens each (prompt + output; default: the model's
+    context). `tokenizer` is needed for text in events and for stop strings. `compile`: None
+    picks by device (CUDA yes, CPU no)."""
+
+    def __init__(
+        self,
+        model: KimbhoV1Model,
+        tokenizer: Tokenizer | None = None,
+        slots: int = 1,
+        max_len: int | None = None,
+        compile: bool | None = None,
+    ) -> None:
+        context = model.config.max_seq_len
+        max_len = max_len or context
+        if not 0 < max_len <= context:
+            raise KimbhoError(f"max_len must be in [1, {context}] (the model's context), got {max_len}")
+        if slots < 1:
+            raise KimbhoError(f"slots must be >= 1, got {slots}")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.embed.weight.device
+        vocab = model.config.vocab_size
+        with torch.no_grad():
+            self.cache = model.new_cache(slots, max_len)
+            # Next-token logits of every slot: written by prefill and decode, read by step().
+            self.logits = torch.zeros(slots, vocab, device=self.device)
+        self.lengths = [0] * slots  # cached positions of each slot
+        self.seqs: list[_Sequence | None] = [None] * slots
+        self._feed: dict[int, int] = {}  # slot -> its newest token, fed at the next step
+        self._seen: torch.Tensor | None = None  # (slots, vocab) prompt + output tokens, for penalties
+        self._counts: torch.Tensor | None = None  # (slots, vocab) output token counts
+        self._next_id = 0
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self._decode_step = _compiled_decode_step(self.cache, self.device) if self.compiled else decode_step
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def free_slots(self) -> int:
+        return self.seqs.count(None)
+
+    @property
+    def busy(self) -> bool:
+        return self.free_slots < self.slots
+
+    # The request level: add, step, cancel, run.
+
+    def add(self, request: Request) -> int:
+        """Prefill `request` into `request.n` free slots; returns its id (ids count up from 0 in
+        the order of adding). Its tokens come from the following `step()` calls."""
+        return self.add_batch([request])[0]
+
+    @torch.inference_mode()
+    def add_batch(self, requests: Sequence[Request]) -> list[int]:
+        """`add` for several requests at once: prompts of equal length that land in neighbouring
+        slots are prefilled together, in one forward pass. Checks them all before adding any."""
+        vocab = self.model.config.vocab_size
+        for request in requests:
+            if request.max_new_tokens < 1:
+                raise KimbhoError("an engine request needs max_new_tokens >= 1")
+            self.check_fits(len(request.prompt), request.max_new_tokens)
+            bad = [t for t in (*request.prompt, *request.stop_token_ids) if not 0 <= t < vocab]
+            if bad:
+                raise KimbhoError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
+            if request.stop and self.tokenizer is None:
+                raise KimbhoError("stop strings need text: create the Engine with a tokenizer")
+        needed = sum(r.n for r in requests)
+        if needed > self.free_slots:
+            raise KimbhoError(f"the requests need {needed} free slots and the engine has {self.free_slots}")
+        free = [s for s, seq in enumerate(self.seqs) if seq is None]
+        placed = []  # (request, its slots)
+        for request in requests:
+            placed.append((request, free[: request.n]))
+            free = free[request.n :]
+        # Group requests whose first slots are consecutive and whose prompts have one length.
+        groups: list[list[tuple[Request, list[int]]]] = []
+        for request, slots in placed:
+            last = groups[-1][-1] if groups else None
+            if last and last[1][0] + 1 == slots[0] and len(last[0].prompt) == len(request.prompt):
+                groups[-1].append((request, slots))
+            else:
+                groups.append([(request, slots)])
+        for group in groups:
+            first = group[0][1][0]
+            self.logits[first : first + len(group)] = self.prefill(first, [r.prompt for r, _ in group])
+        ids = []
+        for request, slots in placed:
+            for slot in slots[1:]:
+                self.copy_slot(slots[0], slot)  # n samples share the prefill
+            if request.params.penalized:
+                self._start_penalties(slots, request.prompt)
+            ids.append(self._next_id)
+            for index, slot in enumerate(slots):
+                self.seqs[slot] = _Sequence(
+                    self._next_id,
+                    index,
+                    request,
+                    self._generator(request, index),
+                    self.tokenizer.text_stream() if self.tokenizer is not None else None,
+                    _StopStrings(request.stop) if request.stop else None,
+                )
+            self._next_id += 1
+        return ids
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """A clear error when a prompt plus its new tokens would not fit in a slot."""
+        if prompt_len + max_new_tokens > self.max_len:
+            where = (
+                "the model's context"
+                if self.max_len == self.model.config.max_seq_len
+                else "the engine's slot length"
+            )
+            raise KimbhoError(
+                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds {where} of {self.max_len}"
+            )
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """One token for every active sequence. The tokens of the previous step are fed first, all
+        slots in one forward pass; a new token is reported before it is fed, so a request's first
+        token comes right after its prefill."""
+        if self._feed:
+            fed = list(self._feed)
+            self.logits[fed] = self.decode(fed, list(self._feed.values()))
+            self._feed.clear()
+        active = [s for s, seq in enumerate(self.seqs) if seq is not None]
+        if not active:
+            return []
+        tokens, logprobs = self._choose(active)
+        events = []
+        for slot, token, lp in zip(active, tokens, logprobs, strict=True):
+            seq = self.seqs[slot]
+            assert seq is not None
+            event = self._advance(seq, token, lp)
+            events.append(event)
+            if event.finish_reason is None:
+                self._feed[slot] = token
+            else:
+                self._free(slot)
+        return events
+
+    def cancel(self, request_id: int) -> None:
+        """Drop every sequence of a request (a client went away) and free its slots."""
+        for slot, seq in enumerate(self.seqs):
+            if seq is not None and seq.request_id == request_id:
+                self._free(slot)
+
+    def run(self, requests: Iterable[Request]) -> Iterator[TokenEvent]:
+        """Generate for every request, admitting each, in order, as soon as enough slots are free;
+        yields the events of every step. A request of `max_new_tokens=0` yields nothing."""
+        waiting = deque(r for r in requests if r.max_new_tokens > 0)
+        for request in waiting:
+            if request.n > self.slots:
+                raise KimbhoError(
+                    f"a request asks for n={request.n} samples but the engine has {self.slots} slots"
+                )
+            self.check_fits(len(request.prompt), request.max_new_tokens)
+        while waiting or self.busy:
+            admitted, free = [], self.free_slots
+            while waiting and waiting[0].n <= free:
+                free -= waiting[0].n
+                admitted.append(waiting.popleft())
+            if admitted:
+                self.add_batch(admitted)
+            yield from self.step()
+
+    # The slot level, shared with beam search: prefill, decode, copy_slot.
+
+    @torch.inference_mode()
+    def prefill(self, first_slot: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Write `prompts` (all of one length) into slots first_slot, first_slot + 1, ...,
+        replacing what they held, in one pass; returns the fp32 logits (len(prompts), vocab) of
+        the token after each."""
+        ids = torch.tensor([list(p) for p in prompts], device=self.device)  # (k, T)
+        k, T = ids.shape
+        positions = torch.arange(T, device=self.device).expand(k, T)
+        hidden = self.model.features(ids, self.cache.rows(first_slot, k), positions, kv_len=T)
+        self.lengths[first_slot : first_slot + k] = [T] * k
+        return self.model.head(hidden[:, -1]).float()  # only the last position's logits are needed
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """Append tokens[i] to slot slots[i], all in one forward pass; returns their fp32 logits
+        (len(slots), vocab). Other slots are untouched."""
+        if self.compiled:
+            rows, keys, values = self.slots, self.cache.keys, self.cache.values
+        else:  # only the slots up to the last one fed, and only the positions filled so far
+            rows = max(slots) + 1
+            keys, values = self.cache.keys[:, :rows], self.cache.values[:, :rows]
+        feed = [0] * rows
+        for slot, token in zip(slots, tokens, strict=True):
+            feed[slot] = token
+        # A slot not fed writes a throwaway key at its next free position, which its own next
+        # token overwrites; a free slot has length 0.
+        positions = [min(n, self.max_len - 1) for n in self.lengths[:rows]]
+        kv_len = self.max_len if self.compiled else max(positions) + 1
+        logits = self._decode_step(
+            self.model,
+            torch.tensor(feed, device=self.device),
+            torch.tensor(positions, device=self.device),
+            keys,
+            values,
+            kv_len,
+        )  # (rows, vocab)
+        for slot in slots:
+            self.lengths[slot] += 1
+        return logits[list(slots)].float()  # a copy: a CUDA graph reuses its output buffer
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Slot `dst` becomes a copy of slot `src`: cache, length and next-token logits."""
+        self.copy_slots([src], [dst])
+
+    @torch.inference_mode()
+    def copy_slots(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Slot dst[i] becomes a copy of slot src[i], all at once (so src and dst may overlap,
+        as when beam search reorders its beams)."""
+        src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        self.cache.copy_rows(src_t, dst_t)
+        self.logits[dst_t] = self.logits[src_t]
+        lengths = [self.lengths[s] for s in src]
+        for d, n in zip(dst, lengths, strict=True):
+            self.lengths[d] = n
+
+    # Internals.
+
+    def _choose(
+        self, active: list[int]
+    ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
+        """The next token of every active slot, and its log-probabilities where asked for."""
+        seqs = [self.seqs[s] for s in active]
+        everything = active == list(range(self.slots))
+        logits = self.logits if everything else self.logits[active]  # (A, vocab)
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            groups.setdefault(seq.request.params, []).append(i)  # type: ignore[union-attr]
+        if len(groups) == 1 and next(iter(groups)).greedy and not next(iter(groups)).penalized:
+            chosen = logits.argmax(dim=-1)  # the common case, without copies
+        else:
+            chosen = torch.empty(len(active), dtype=torch.long, device=self.device)
+            for params, rows in groups.items():
+                slots = [active[i] for i in rows]
+                seen = counts = None
+                if params.penalized:
+                    assert self._seen is not None and self._counts is not None
+                    seen, counts = self._seen[slots], self._counts[slots]
+                scores = process_logits(logits[rows], params, seen, counts)
+                gens = [seqs[i].generator for i in rows]  # type: ignore[union-attr]
+                chosen[rows] = draw(scores, params, gens)
+        tokens = chosen.tolist()  # the one host sync of a step: stop checks need the ids
+        if self._seen is not None:
+            penalized = [i for i, seq in enumerate(seqs) if seq.request.params.penalized]  # type: ignore[union-attr]
+            if penalized:
+                slot_t = torch.tensor([active[i] for i in penalized], device=self.device)
+                tok_t = chosen[penalized]
+                self._seen[slot_t, tok_t] = True
+                self._counts[slot_t, tok_t] += 1  # type: ignore[index]
+        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(active)
+        wanted = [i for i, seq in enumerate(seqs) if seq.request.logprobs is not None]  # type: ignore[union-attr]
+        if wanted:
+            table = torch.log_softmax(logits[wanted].float(), dim=-1)
+            picked = table.gather(-1, chosen[wanted][:, None])[:, 0].tolist()
+            for j, i in enumerate(wanted):
+                k = seqs[i].request.logprobs  # type: ignore[union-attr]
+                top = table[j].topk(k) if k else None
+                alternatives = (
+                    list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
+                )
+                logprobs[i] = (picked[j], alternatives)
+        return tokens, logprobs
+
+    def _advance(
+        self, seq: _Sequence, token: int, logprob: tuple[float, list[tuple[int, float]]] | None
+    ) -> TokenEvent:
+        """Record `token` in `seq`: its text, and whether it ends the sequence."""
+        seq.tokens.append(token)
+        request = seq.request
+        stop_token = token in request.stop_token_ids
+        text = seq.text.push(token) if seq.text is not None and not stop_token else ""
+        finish = "stop" if stop_token else "length" if len(seq.tokens) == request.max_new_tokens else None
+        if finish is not None and seq.text is not None:
+            text += seq.text.flush()
+        if seq.stops is not None:
+            text, hit = seq.stops.feed(text, final=finish is not None)
+            finish = "stop" if hit else finish
+        return TokenEvent(
+            seq.request_id,
+            seq.index,
+            token,
+            text,
+            logprob[0] if logprob else None,
+            logprob[1] if logprob and request.logprobs else None,
+            finish,
+        )
+
+    def _free(self, slot: int) -> None:
+        self.seqs[slot] = None
+        self.lengths[slot] = 0
+        self._feed.pop(slot, None)
+
+    def _start_penalties(self, slots: list[int], prompt: Sequence[int]) -> None:
+        if self._seen is None:
+            vocab = self.model.config.vocab_size
+            self._seen = torch.zeros(self.slots, vocab, dtype=torch.bool, device=self.device)
+            self._counts = torch.zeros(self.slots, vocab, device=self.device)
+        assert self._counts is not None
+        for slot in slots:
+            self._seen[slot] = False
+            self._seen[slot, torch.tensor(list(prompt), device=self.device)] = True
+            self._counts[slot] = 0
+
+    def _generator(self, request: Request, index: int) -> torch.Generator | None:
+        if request.params.greedy:
+            return None
+        # Unseeded requests still follow torch's global seed, so torch.manual_seed reproduces them.
+        seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()).item())
+        return torch.Generator(device=self.device).manual_seed(seed + index)
+
+
+def decode_step(
+    model: KimbhoV1Model,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kv_len: int,
+) -> torch.Tensor:
+    """One token per slot: `tokens` (S,) at `positions` (S,) into the cache (keys, values)
+    (num_blocks, S, n_kv, max_len, hd), attending to the first `kv_len` positions. Returns the
+    next-token logits (S, vocab). Static shapes: this is the function compiled on CUDA."""
+    hidden = model.features(tokens[:, None], KVCache(keys, values), positions[:, None], kv_len)
+    return model.head(hidden[:, -1])
+
+
+def _compiled_decode_step(cache: KVCache, device: torch.device):  # type: ignore[no-untyped-def]
+    """`decode_step` compiled with static shapes. On CUDA it is captured in a CUDA graph
+    (mode "reduce-overhead": one launch per step instead of hundreds); the cache tensors are
+    marked static so the graph may write into them in place."""
+    if device.type != "cuda":
+        return torch.compile(decode_step, fullgraph=True, dynamic=False)
+    torch._dynamo.mark_static_address(cache.keys)
+    torch._dynamo.mark_static_address(cache.values)
+    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+
+    def step(*args):  # type: ignore[no-untyped-def]
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        return compiled(*args)
+
+    return step
+
+
+class _StopStrings:
+    """Cuts generated text at the first stop string. Text that could be the start of a stop
+    string is held back until the following text settles it."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
+        """(text safe to show, whether a stop string was found)."""
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[: min(hits)], True
+        keep = 0 if final else self._partial(text)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def _partial(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop string."""
+        longest = min(len(text), max(len(s) for s in self.stops) - 1)
+        for k in range(longest, 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stops):
+                return k
+        return 0
