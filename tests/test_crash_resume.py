@@ -148,7 +148,7 @@ def test_killed_runs_resume_bit_identically(data_dir: Path, tmp_path: Path, refe
 SINGLE_KILL_POINTS = [
     ("before-first-step", "before:kimbho.train.Trainer.train_step:1", [], []),
     ("after-3rd-metrics-record", "after:kimbho.metrics.MetricsLog.write:3", [], []),
-    ("step-4-weights-written", "after:kimbho.checkpoint.save_model:2", [], [".tmp-step-00000004"]),
+    ("step-4-weights-written", "after:kimbho.checkpoint.save_file:2", [], [".tmp-step-00000004"]),
     ("best-being-fsynced", "after:kimbho.checkpoint._fsync:4", [], [".tmp-best"]),
     ("step-4-complete-not-renamed", "before:kimbho.checkpoint._replace_dir:2", [], [".tmp-step-00000004"]),
     (

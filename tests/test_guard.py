@@ -51,12 +51,12 @@ def test_spike_factor_must_exceed_one() -> None:
 
 
 class PoisonedForward:
-    """Wraps the trainer's forward (`features`) so chosen steps produce NaN activations
-    (multiplying by 1.0 leaves every other step bit-for-bit unchanged)."""
+    """Wraps the trainer's forward (the model's body, `features`) so chosen steps produce NaN
+    activations (multiplying by 1.0 leaves every other step bit-for-bit unchanged)."""
 
     def __init__(self, trainer: kimbho.Trainer, steps: set[int]) -> None:
-        self.trainer, self.steps, self.inner = trainer, steps, trainer.features
-        trainer.features = self  # type: ignore[assignment]
+        self.trainer, self.steps, self.inner = trainer, steps, trainer.train_loss.features
+        trainer.train_loss.features = self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         poison = math.nan if self.trainer.progress.step in self.steps else 1.0

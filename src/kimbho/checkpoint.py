@@ -1,13 +1,15 @@
 """Checkpoints you can trust: complete or absent, verified on load, loadable without running code.
 
     checkpoints/step-00000100/
-        model.safetensors   weights of the bare model (no compile/DDP prefixes)
+        model.safetensors   weights of the bare model (no compile/DDP prefixes), whole even when
+                            training sharded them over processes (FSDP)
         config.json         the model config ({"format": "kimbho", ...KimbhoConfig fields})
         tokenizer.json      so a checkpoint directory is a complete model on its own
         run.yaml            the resolved run config
-        trainer.pt          optimizer state, progress (step, tokens seen), the data position, every
-                            RNG state, the step guard's state, the tokenizer hash and the dataset
-                            fingerprint: tensors and plain containers only, so
+        trainer.pt          optimizer state (keyed by parameter name), progress (step, tokens seen),
+                            the data position, every RNG state (of each process), the step guard's
+                            state, the tokenizer hash and the dataset fingerprint: tensors and plain
+                            containers only, so
                             torch.load(weights_only=True) reads it and nothing in it can run code
         manifest.json       SHA-256 of every file above, written last
     checkpoints/best/       the weights with the lowest validation loss so far (no trainer.pt)
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 
 from .config import KimbhoConfig, RunConfig
 from .errors import KimbhoError
@@ -61,7 +63,7 @@ def step_dir_name(step: int) -> str:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: KimbhoV1Model,
+    weights: dict[str, torch.Tensor],
     trainer_state: dict[str, Any] | None,
     run_config: RunConfig,
     tokenizer: Tokenizer,
@@ -71,8 +73,10 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` of `run_dir` atomically, then drop all but the newest `keep_last`.
 
-    `name` writes `checkpoints/<name>/` instead of `step-N/`, outside retention (the best
-    checkpoint); `trainer_state=None` writes a weights-only checkpoint. A failed write (disk full)
+    `weights` is the bare model's full state dict (`model.state_dict()`, or gathered from the
+    processes, see `distributed.full_weights`); `run_config.model` is its config. `name` writes
+    `checkpoints/<name>/` instead of `step-N/`, outside retention (the best checkpoint);
+    `trainer_state=None` writes a weights-only checkpoint. A failed write (disk full)
     raises a `KimbhoError` and leaves the existing checkpoints as they were, with no temporary
     directory behind."""
     root = run_dir / CHECKPOINTS
@@ -84,9 +88,9 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         writing = "model.safetensors"
-        save_model(model, str(tmp / writing))
+        _save_weights(weights, run_config.model, tmp / writing)
         writing = "config.json"
-        (tmp / writing).write_text(json.dumps({"format": "kimbho", **model.config.to_dict()}, indent=2))
+        (tmp / writing).write_text(json.dumps({"format": "kimbho", **run_config.model.to_dict()}, indent=2))
         writing = "tokenizer.json"
         tokenizer.save(tmp / writing)
         writing = "run.yaml"
@@ -118,6 +122,17 @@ def save_checkpoint(
         for old in list_checkpoints(run_dir)[:-keep_last]:
             _remove(old)
     return final
+
+
+def _save_weights(weights: dict[str, torch.Tensor], config: KimbhoConfig, path: Path) -> None:
+    # Tied embeddings are one tensor under two names: store it once, as the embedding
+    # (`load_weights` restores the head from it), which is what safetensors' save_model does.
+    tensors = {
+        name: tensor.contiguous()
+        for name, tensor in weights.items()
+        if not (config.tie_embeddings and name == "head.weight")
+    }
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -211,6 +226,12 @@ def read_model_config(ckpt: Path) -> KimbhoConfig:
 
 def load_weights(model: KimbhoV1Model, ckpt: Path) -> None:
     """Load model.safetensors into `model`, refusing missing, extra or misshapen tensors."""
+    model.load_state_dict(read_weights(ckpt, model))
+
+
+def read_weights(ckpt: Path, model: KimbhoV1Model) -> dict[str, torch.Tensor]:
+    """The tensors of model.safetensors, checked against `model`'s names and shapes (a sharded
+    model's parameters report their full shapes)."""
     path = ckpt / "model.safetensors"
     try:
         state = load_file(str(path))
@@ -231,7 +252,7 @@ def load_weights(model: KimbhoV1Model, ckpt: Path) -> None:
             raise KimbhoError(
                 f"weights {path}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state)
+    return state
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import KimbhoError
+from .errors import KimbhoError, ReportedElsewhere
 
 log = logging.getLogger("kimbho")
 
@@ -58,9 +59,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         )
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     from .config import resolve_run_config
-    from .train import Trainer
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
@@ -68,6 +68,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.init is not None and args.preset is not None:
         raise KimbhoError("--init takes the model config from MODEL; drop --preset")
     run, explicit = resolve_run_config(args.config, args.preset, overrides)
+    if args.nproc is not None:
+        from .distributed import launch, split_batch
+
+        if args.nproc >= 1:  # what can be checked before starting the processes
+            split_batch(run.train.batch_size, run.train.micro_batch_size, args.nproc)
+        return launch(args.nproc, _without_option(args.argv, "--nproc"))
+
+    from .train import Trainer
+
     trainer = Trainer(
         run,
         args.data,
@@ -77,9 +86,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         init_from=args.init,
         force_resume=args.force_resume,
     )
+    if not trainer.world.is_main:
+        trainer.fit()  # rank 0 reports
+        return 0
     params = trainer.model.num_params()
+    processes = (
+        f" x {trainer.world.size} processes ({trainer.cfg.parallel})" if trainer.world.size > 1 else ""
+    )
     log.info(
-        f"training {params / 1e6:.2f}M parameters on {trainer.device} ({str(trainer.dtype).removeprefix('torch.')}), "
+        f"training {params / 1e6:.2f}M parameters on {trainer.device}{processes} "
+        f"({str(trainer.dtype).removeprefix('torch.')}), "
         f"{trainer.cfg.max_steps} steps of {trainer.cfg.batch_size} x {trainer.seq_len} tokens"
     )
     last = trainer.fit()
@@ -92,6 +108,21 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"stopped {args.out} at step {trainer.progress.step} ({last['stopped_by']}): {summary}")
     else:
         print(f"finished {args.out}: {summary}")
+    return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option VALUE` / `option=VALUE` (the train parser takes no abbreviations)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -234,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a model",
+        allow_abbrev=False,  # --nproc is passed on to torchrun's processes less itself, exactly
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (YAML sections model: and train:, or key=value on the command line):\n"
         + config_help(),
@@ -258,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="start from MODEL's weights, config and tokenizer (a run, checkpoint or Hugging Face "
         "directory); DATA_DIR must be prepared with MODEL's tokenizer.json",
+    )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (one per GPU, or CPU processes) with DDP, or FSDP2 "
+        "with train.parallel=fsdp: runs torchrun --standalone --nproc-per-node N for you; for several "
+        "machines start torchrun yourself (see README)",
     )
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.set_defaults(func=cmd_train)
@@ -355,19 +395,28 @@ class _Formatter(logging.Formatter):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = _StderrHandler()
     handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if int(os.environ.get("RANK", "0")) > 0:
+        log.setLevel(logging.ERROR)  # under torchrun rank 0 speaks for all processes
     log.propagate = False
     try:
-        args.func(args)
+        code = args.func(args) or 0
+    except ReportedElsewhere:
+        code = 1
     except KimbhoError as e:
         print(f"kimbho: error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         print("kimbho: interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except BrokenPipeError:  # `kimbho generate ... | head`
-        return 0
-    return 0
+        code = 0
+    if "torch.distributed" in sys.modules:  # only training imports it
+        from .distributed import exit_if_in_group
+
+        exit_if_in_group(code)
+    return code

@@ -220,6 +220,21 @@ class TrainConfig:
     device: str = field(
         default="auto", metadata=_doc("auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     )
+    parallel: str = field(
+        default="ddp",
+        metadata=_doc(
+            "how processes started by torchrun (or --nproc) share the work: ddp (a replica per "
+            "process, gradients averaged) | fsdp (FSDP2: parameters, gradients and optimizer state "
+            "sharded); one process trains unsharded"
+        ),
+    )
+    dist_timeout: float = field(
+        default=1800.0,
+        metadata=_doc(
+            "seconds a process waits for the others at a collective (gradient sync, checkpoint "
+            "gathering) before the run fails"
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.compile = str(self.compile).lower()  # YAML reads `true` as a bool
@@ -239,6 +254,8 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise KimbhoError(f"train.lr must be positive, got {self.lr}")
+        if self.dist_timeout <= 0:
+            raise KimbhoError(f"train.dist_timeout must be positive (seconds), got {self.dist_timeout}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise KimbhoError(f"train.micro_batch_size must be positive, got {self.micro_batch_size}")
         if self.seq_len is not None and self.seq_len <= 0:
@@ -248,6 +265,7 @@ class TrainConfig:
             "precision": ("auto", "fp32", "bf16"),
             "compile": ("auto", "true", "false"),
             "optimizer": ("adamw", "muon"),
+            "parallel": ("ddp", "fsdp"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -41,6 +41,16 @@ class MetricsLog:
         self._tb.close()
 
 
+class DiscardedMetrics:
+    """The metrics of a process other than rank 0 in a multi-process run: rank 0 writes the run's."""
+
+    def write(self, kind: str, step: int, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl, optionally only those of one kind."""
     path = Path(run_dir) / "metrics.jsonl"

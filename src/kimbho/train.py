@@ -6,6 +6,7 @@ Batch `step` is a pure function of (seed, step) (see `RandomWindowSampler`), and
 state is saved with each checkpoint, so a resumed run continues exactly where it stopped: same
 per-step losses, bit-identical weights. Steps with a NaN/Inf loss or gradient norm are skipped
 (`guard.py`); SIGTERM/SIGINT stop the run after the current step with a checkpoint (`interrupt.py`).
+Under torchrun the same loop runs on every process, with DDP or FSDP2 (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import RunConfig, TrainConfig
 from .data import RandomWindowSampler, TokenStream, dataset_fingerprint, eval_windows, load_meta
 from .device import autocast, peak_flops, pick_device, pick_precision
@@ -34,12 +37,15 @@ from .generation import generate
 from .guard import StepGuard
 from .interrupt import GracefulStop
 from .loss import linear_cross_entropy
-from .metrics import MetricsLog
+from .metrics import DiscardedMetrics, MetricsLog
 from .model import KimbhoV1Model
 from .optim import build_optimizer
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kimbho")
+
+# A checkpoint chosen for resuming: its path, trainer state and weights (read by rank 0).
+Found = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -59,6 +65,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr - (cfg.lr - floor) * min(1.0, progress)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class NextTokenLoss(nn.Module):
+    """Mean next-token cross-entropy of a language model on a batch: the whole training forward
+    pass as one module, which DDP wraps (see `distributed.parallelize`). The head's product is
+    fused into the loss (`loss.py`): the (B, T, vocab) logits never exist. `features` is the
+    model's body, replaced by its compiled form when `train.compile` asks for it."""
+
+    def __init__(self, model: KimbhoV1Model) -> None:
+        super().__init__()
+        self.model = model
+        self.features: Callable[[torch.Tensor], torch.Tensor] = model.features
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(self.features(inputs), self.model.head.weight, targets)
 
 
 @dataclass
@@ -87,47 +108,64 @@ class Trainer:
         force_resume: bool = False,
     ) -> None:
         """`resume`: continue from the newest usable checkpoint in `out_dir`. It refuses a checkpoint
-        made with another model config, tokenizer or dataset unless `force_resume` is set."""
+        made with another model config, tokenizer or dataset unless `force_resume` is set.
+
+        Under torchrun it joins the process group first; every process constructs a Trainer."""
         self.run, self.cfg = run, run.train
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
         self.progress_bar = progress_bar
-        meta = load_meta(self.data_dir)
-        self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
-        if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
-            raise KimbhoError(
-                f"{self.data_dir}/tokenizer.json is not the tokenizer its shards were made with"
+        self.world = distributed.setup(pick_device(self.cfg.device), self.cfg.dist_timeout)
+        self.device = self.world.device
+        with self.world.together():
+            meta = load_meta(self.data_dir)
+            self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
+            if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
+                raise KimbhoError(
+                    f"{self.data_dir}/tokenizer.json is not the tokenizer its shards were made with"
+                )
+            init = self._load_init(init_from, explicit_keys) if init_from is not None else None
+            if init is None:
+                self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
+            self.seq_len = self.cfg.seq_len or run.model.max_seq_len
+            if self.seq_len > run.model.max_seq_len:
+                raise KimbhoError(
+                    f"train.seq_len={self.seq_len} is longer than model.max_seq_len={run.model.max_seq_len}; "
+                    f"lower train.seq_len or raise model.max_seq_len"
+                )
+            self.cfg.seq_len = self.seq_len
+            self.rows, self.micro_batch = distributed.split_batch(
+                self.cfg.batch_size, self.cfg.micro_batch_size, self.world.size
             )
-        init = self._load_init(init_from, explicit_keys) if init_from is not None else None
-        if init is None:
-            self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
-        self.seq_len = self.cfg.seq_len or run.model.max_seq_len
-        if self.seq_len > run.model.max_seq_len:
-            raise KimbhoError(
-                f"train.seq_len={self.seq_len} is longer than model.max_seq_len={run.model.max_seq_len}; "
-                f"lower train.seq_len or raise model.max_seq_len"
+            self.accum_steps = self.rows // self.micro_batch
+            self.dtype = pick_precision(self.cfg.precision, self.device)
+            self.train_data = RandomWindowSampler(
+                TokenStream(self.data_dir, "train"), self.seq_len, self.cfg.batch_size, self.cfg.seed
             )
-        self.cfg.seq_len = self.seq_len
-        self.micro_batch = self.cfg.micro_batch_size or self.cfg.batch_size
-        if self.cfg.batch_size % self.micro_batch:
-            raise KimbhoError(
-                f"train.batch_size={self.cfg.batch_size} is not a multiple of train.micro_batch_size={self.micro_batch}"
+            self.val_stream = (
+                TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
             )
-        self.accum_steps = self.cfg.batch_size // self.micro_batch
 
-        self.device = pick_device(self.cfg.device)
-        self.dtype = pick_precision(self.cfg.precision, self.device)
-        torch.manual_seed(self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every process
         self.model = KimbhoV1Model(run.model).to(self.device)
         if init is not None:
             self.model.load_state_dict(init.state_dict())
-        self.optimizer = build_optimizer(self.model, self.cfg, self.device)
+        if self.cfg.optimizer == "muon" and self.cfg.parallel == "fsdp" and self.world.size > 1:
+            # Muon orthogonalises whole matrices; FSDP leaves each process a slice of each.
+            raise self.world.error(
+                "train.optimizer=muon needs whole weight matrices, which train.parallel=fsdp shards "
+                "over processes; use train.parallel=ddp, or train.optimizer=adamw with fsdp"
+            )
         self.model.checkpoint_activations = self.cfg.activation_checkpointing
-        self.features = self._maybe_compile(self.model)
+        # Under torchrun DDP wraps the loss, or FSDP2 shards the model (see distributed.py).
+        loss = NextTokenLoss(self.model)
+        self.train_loss = distributed.parallelize(self.model, loss, self.world, self.cfg.parallel)
+        # Compiled after sharding, which hooks FSDP2's gathering onto `model.features`.
+        loss.features = self._maybe_compile(self.model)
+        self.optimizer = build_optimizer(self.model, self.cfg, self.device)  # after sharding
+        if self.world.size > 1:
+            # Each process draws its own dropout masks.
+            torch.manual_seed(_process_seed(self.cfg.seed, self.world.rank))
 
-        self.train_data = RandomWindowSampler(
-            TokenStream(self.data_dir, "train"), self.seq_len, self.cfg.batch_size, self.cfg.seed
-        )
-        self.val_stream = TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
         self.progress = Progress()
         self.guard = StepGuard(self.cfg.skip_spikes)
         self.fingerprint = {"tokenizer_sha256": self.tokenizer.sha256, "dataset": dataset_fingerprint(meta)}
@@ -172,6 +210,7 @@ class Trainer:
         compiled: the fused loss computes its own gradients, and `self.model` stays the bare
         module, so checkpoints hold its plain key names."""
         wanted = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self._compile_pays())
+        wanted = self.world.broadcast(wanted)  # the payoff is timed: let rank 0 decide for all
         return torch.compile(model.features) if wanted else model.features
 
     def _compile_pays(self) -> bool:
@@ -190,25 +229,34 @@ class Trainer:
         return seconds_at_peak >= 180
 
     def _prepare_run_dir(self, resume: bool, force: bool) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_stale_temporaries(self.out)
-        existing = checkpoint.list_checkpoints(self.out)
-        if existing and not resume:
-            raise KimbhoError(
-                f"run directory {self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
-            )
-        if resume:
-            self._resume(existing, force)
-        self.run.save(self.out / "config.yaml")
-        self.tokenizer.save(self.out / "tokenizer.json")
-        self.metrics = MetricsLog(self.out, resume_step=self.progress.step if resume else None)
+        """Rank 0 sets up the run directory and picks the checkpoint to resume from; then every
+        process loads that checkpoint's state, which rank 0 alone reads."""
+        found: Found | None = None
+        with self.world.together():
+            if self.world.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                checkpoint.clean_stale_temporaries(self.out)
+                existing = checkpoint.list_checkpoints(self.out)
+                if existing and not resume:
+                    raise KimbhoError(
+                        f"run directory {self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
+                    )
+                found = self._find_checkpoint(existing, force) if resume else None
+                self.run.save(self.out / "config.yaml")
+                self.tokenizer.save(self.out / "tokenizer.json")
+        if self.world.broadcast(found is not None):
+            self._restore(found)
+        self.metrics: MetricsLog | DiscardedMetrics = (
+            MetricsLog(self.out, resume_step=self.progress.step if resume else None)
+            if self.world.is_main
+            else DiscardedMetrics()
+        )
 
-    def _resume(self, existing: list[Path], force: bool) -> None:
-        """Restore the newest checkpoint that loads; unusable ones are set aside with a warning."""
+    def _find_checkpoint(self, existing: list[Path], force: bool) -> Found | None:
+        """The newest checkpoint that loads; unusable ones are set aside with a warning."""
         for ckpt in reversed(existing):
             try:
-                self._restore(ckpt, force)
-                return
+                return self._read_checkpoint(ckpt, force)
             except checkpoint.CorruptCheckpoint as e:
                 aside = checkpoint.set_aside(ckpt)
                 log.warning(f"{e}; set it aside as {aside.name} and falling back to the previous checkpoint")
@@ -218,8 +266,9 @@ class Trainer:
                 f"run again with --resume to start from step 0"
             )
         log.warning(f"--resume: {self.out} has no checkpoint yet, starting from step 0")
+        return None
 
-    def _restore(self, ckpt: Path, force: bool) -> None:
+    def _read_checkpoint(self, ckpt: Path, force: bool) -> Found:
         checkpoint.verify(ckpt)
         state = checkpoint.load_trainer_state(ckpt)
         refusals, changes = checkpoint.resume_differences(ckpt, state, self.run, self.fingerprint)
@@ -234,40 +283,66 @@ class Trainer:
             log.warning(
                 f"train config changed since {ckpt.name}: {', '.join(changes)}; continuing with the new values"
             )
-        checkpoint.load_weights(self.model, ckpt)
         saved_optimizer = checkpoint.saved_train_config(ckpt).get("optimizer", self.cfg.optimizer)
         if saved_optimizer != self.cfg.optimizer:  # only with --force-resume (a refusal otherwise)
             log.warning(
                 f"--force-resume: {saved_optimizer}'s state is dropped; {self.cfg.optimizer} starts afresh"
             )
+            state["optimizer"] = None
+        return ckpt, state, checkpoint.read_weights(ckpt, self.model)
+
+    def _restore(self, found: Found | None) -> None:
+        """Load the checkpoint rank 0 has read (`found`; None on the other processes)."""
+        ckpt, state, weights = found or (None, {}, {})
+        with_optimizer = self.world.broadcast(state.get("optimizer") is not None)
+        distributed.load_full_state(
+            self.model, self.optimizer, weights, state.get("optimizer") or {}, self.world, with_optimizer
+        )
+        shared = self.world.broadcast(
+            {key: state.get(key) for key in ("progress", "guard", "rng", "rng_by_rank")}
+        )
+        self.progress = Progress(**shared["progress"])
+        if shared["guard"] is not None:
+            self.guard.load_state_dict(shared["guard"])
+        saved_rng = shared["rng_by_rank"] or [shared["rng"]]  # one state per process of the saved run
+        if len(saved_rng) == self.world.size:
+            _set_rng_state(saved_rng[self.world.rank])
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = Progress(**state["progress"])
-        if "guard" in state:
-            self.guard.load_state_dict(state["guard"])
-        _set_rng_state(state["rng"])
-        log.info(f"resumed from {ckpt} at step {self.progress.step}")
+            # The data re-shards by itself (a batch is a function of the step alone), but the
+            # saved processes' random streams do not map onto the new ones: start fresh ones.
+            torch.manual_seed(_process_seed(self.cfg.seed, self.world.rank, self.progress.step))
+            if self.world.is_main and self.run.model.dropout > 0:
+                log.warning(
+                    f"resuming a checkpoint of {len(saved_rng)} process(es) on {self.world.size}: the "
+                    f"dropout masks from here on differ from those of an uninterrupted run"
+                )
+        if self.world.is_main:
+            log.info(f"resumed from {ckpt} at step {self.progress.step}")
 
     # --- the loop -----------------------------------------------------------------------------
 
     def train_step(self, step: int) -> tuple[float, float]:
-        """One optimizer step on batch `step`: (mean loss, gradient norm before clipping)."""
+        """One optimizer step on batch `step`: (mean loss, gradient norm before clipping), both
+        over the whole global batch, whatever the number of processes."""
         lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = self.train_data.batch(step)
+        inputs, targets = self.train_data.batch(step, self.world.rows(self.cfg.batch_size))
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum_steps):
             rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
             x, y = inputs[rows].to(self.device), targets[rows].to(self.device)
-            with autocast(self.device, self.dtype):
-                # The head's product is fused into the loss: the (B, T, vocab) logits never exist.
-                loss = linear_cross_entropy(self.features(x), self.model.head.weight, y) / self.accum_steps
-            loss.backward()
+            with distributed.gradient_sync(
+                self.model, self.train_loss, enabled=micro == self.accum_steps - 1
+            ):
+                with autocast(self.device, self.dtype):
+                    loss = self.train_loss(x, y) / self.accum_steps
+                loss.backward()
             total += loss.detach()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        loss_value, norm_value = total.item(), grad_norm.item()
+        grad_norm = distributed.clip_grad_norm_(self.model.parameters(), clip)
+        # Averaged over processes, so the guard decides the same on all of them.
+        loss_value, norm_value = self.world.mean(total, grad_norm)
         if self.guard.allows(loss_value, norm_value):  # else weights and optimizer state stay as they were
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -280,7 +355,8 @@ class Trainer:
         return flops / peak_flops(self.device, self.dtype)
 
     def evaluate(self) -> dict[str, float | int] | None:
-        """Validation loss, perplexity and bits per byte on a fixed set of windows."""
+        """Validation loss, perplexity and bits per byte on a fixed set of windows. Every process
+        evaluates all of them (FSDP needs all processes in each forward pass)."""
         if self.val_stream is None:
             return None
         windows = eval_windows(
@@ -306,9 +382,13 @@ class Trainer:
         return self.tokenizer.decode(ids[0, 1:].tolist(), skip_special_tokens=True)
 
     def save(self) -> Path:
-        """Checkpoint the whole training state at the current step (see `checkpoint.py`)."""
+        """Checkpoint the whole training state at the current step (see `checkpoint.py`). Every
+        process takes part (the state is gathered from all of them); rank 0 writes it."""
+        weights = distributed.full_weights(self.model)
+        optimizer = distributed.full_optimizer_state(self.model, self.optimizer)
+        rng = self.world.gather(_rng_state())
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "progress": vars(self.progress).copy(),
             # The sampler's position, explicitly: batch `next_step` of RandomWindowSampler(seed).
             "data": {
@@ -317,13 +397,18 @@ class Trainer:
                 "batch_size": self.cfg.batch_size,
                 "seq_len": self.seq_len,
             },
-            "rng": _rng_state(),
+            "rng": rng[0] if rng else None,
             "guard": self.guard.state_dict(),
             "fingerprint": self.fingerprint,
         }
-        return checkpoint.save_checkpoint(
-            self.out, self.progress.step, self.model, state, self.run, self.tokenizer, self.cfg.keep_last
-        )
+        if self.world.size > 1:
+            state["rng_by_rank"] = rng
+        with self.world.together():
+            if self.world.is_main:
+                checkpoint.save_checkpoint(
+                    self.out, self.progress.step, weights, state, self.run, self.tokenizer, self.cfg.keep_last
+                )
+        return self.out / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(self.progress.step)
 
     def _save_best(self, val_loss: float) -> None:
         """Keep the weights of the lowest validation loss so far in checkpoints/best/."""
@@ -331,17 +416,20 @@ class Trainer:
         if not self.cfg.keep_best or not math.isfinite(val_loss) or (best is not None and val_loss >= best):
             return
         self.progress.best_val_loss = val_loss
-        checkpoint.save_checkpoint(
-            self.out,
-            self.progress.step,
-            self.model,
-            None,
-            self.run,
-            self.tokenizer,
-            self.cfg.keep_last,
-            name=checkpoint.BEST,
-            val_loss=val_loss,
-        )
+        weights = distributed.full_weights(self.model)
+        with self.world.together():
+            if self.world.is_main:
+                checkpoint.save_checkpoint(
+                    self.out,
+                    self.progress.step,
+                    weights,
+                    None,
+                    self.run,
+                    self.tokenizer,
+                    self.cfg.keep_last,
+                    name=checkpoint.BEST,
+                    val_loss=val_loss,
+                )
 
     def fit(self) -> dict[str, Any]:
         """Train to `max_steps`; returns the last train and eval records, plus `stopped_by` (the
@@ -354,7 +442,7 @@ class Trainer:
             initial=self.progress.step,
             desc="training",
             unit="step",
-            disable=not self.progress_bar or None,
+            disable=not (self.progress_bar and self.world.is_main) or None,
             dynamic_ncols=True,
         )
         interval_losses: list[float] = []
@@ -407,24 +495,34 @@ class Trainer:
                         }
                         self.metrics.write("eval", done, **record)
                         last["eval"] = record
-                        bar.write(
-                            f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}"
-                        )
+                        if self.world.is_main:
+                            bar.write(
+                                f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}"
+                            )
                         self._save_best(record["val_loss"])
                     # Samples come with each validation unless sample_every sets their own rhythm.
                     sample_due = done % cfg.sample_every == 0 if cfg.sample_every else eval_due
                     if sample_due and cfg.sample_tokens:
                         self.metrics.write("sample", done, text=self.sample_text())
+                    # A signal seen by any process stops all of them after this same step.
+                    signum = self.world.max(signal.Signals[stop.signal_name].value if stop.signal_name else 0)
                     save_due = (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps
-                    if save_due or stop.signal_name is not None:
+                    if save_due or signum:
                         saved = self.save()
-                    if stop.signal_name is not None:
+                    if signum:
+                        name = signal.Signals(signum).name
                         log.warning(
-                            f"stopped by {stop.signal_name} after step {done}: saved {saved}; "
-                            f"continue with --resume"
+                            f"stopped by {name} after step {done}: saved {saved}; continue with --resume"
                         )
-                        last["stopped_by"] = stop.signal_name
+                        last["stopped_by"] = name
                         break
+        except RuntimeError as e:
+            if self.world.size == 1 or not distributed.lost_contact(e):
+                raise
+            raise KimbhoError(
+                f"process {self.world.rank} lost contact with the others ({str(e).splitlines()[0][:200]}); "
+                f"if one of them failed, its own message says why. Continue with --resume"
+            ) from None
         finally:
             bar.close()
             self.metrics.close()
@@ -440,12 +538,17 @@ class Trainer:
         log.warning(f"step {done}: skipped the optimizer step: {reason}")
         if self.guard.consecutive >= self.cfg.max_skipped_steps:
             kept = checkpoint.list_checkpoints(self.out)
-            raise KimbhoError(
+            raise self.world.error(
                 f"stopping: the last {self.guard.consecutive} steps (up to step {done}) were all skipped, "
                 f"the last for a {reason}; "
                 + (f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet")
                 + ". Lower train.lr or check the data, then continue with --resume"
             )
+
+
+def _process_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed for the random stream (dropout) of process `rank`, distinct for each process."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def _finite_or_none(value: float) -> float | None:
