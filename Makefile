@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kimbho-installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench clean llama-cpp
 
 $(STAMP): pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -26,6 +26,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# llama.cpp's Python bindings, compiled from source (about half an hour on 2 CPU cores): with them
+# installed, `make test` also runs exported GGUF files in llama.cpp. LLAVA_BUILD=OFF skips the
+# multimodal library Kimbho does not use.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(BIN)/pip install "$(LLAMA_CPP_PYTHON)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench train_kimbho_v1.py

@@ -135,92 +135,71 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = kimbho.KimbhoConfig.from_preset(args.preset)
-    cfg = kimbho.KimbhoConfig.from_preset(
-        args.preset, max_seq_len=max(cfg.max_seq_len, args.ttft_prompt + 64)
-    )
+    context = max(kimbho.KimbhoConfig.from_preset(args.preset).max_seq_len, args.ttft_prompt + 64)
+    cfg = kimbho.KimbhoConfig.from_preset(args.preset, max_seq_len=context)
     model = kimbho.KimbhoV1Model(cfg).to(device).eval()
     hf = hf_twin(model)
     print(
         f"{args.preset}: {model.num_params() / 1e6:.1f}M parameters, {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; prompt {args.prompt_tokens} tokens, {args.new_tokens} new, greedy"
     )
-    rows: list[tuple[str, str, str, str, str]] = []
-    kimbho_b1 = None
+    table: list[str] = []
 
-    def vocab_prompts(batch: int, length: int) -> torch.Tensor:
+    def row(label: str, ours: Measured, theirs: Measured, tokens: int | None) -> None:
+        """A table line: tokens/s (or milliseconds when `tokens` is None), speed-up, memory."""
+        if tokens is None:
+            speeds = f"{ours.seconds * 1e3:.1f} ms | {theirs.seconds * 1e3:.1f} ms"
+        else:
+            speeds = f"{tokens / ours.seconds:,.0f} | {tokens / theirs.seconds:,.0f}"
+        same = "same" if ours.tokens == theirs.tokens else "different"
+        table.append(
+            f"| {label} | {speeds} | **{theirs.seconds / ours.seconds:.2f}x** | "
+            f"{ours.peak_mib:.1f} / {theirs.peak_mib:.1f} | {same} tokens |"
+        )
+        print(table[-1], flush=True)
+
+    def prompts_of(batch: int, length: int) -> torch.Tensor:
         return torch.randint(5, cfg.vocab_size, (batch, length), device=device)
 
-    variants: list[tuple[str, bool | None]] = [("eager", False)] + (
-        [("compiled", True)] if args.compile else []
-    )
+    hf_step = kimbho_b1 = 0.0
     for batch in args.batch:
-        prompts = vocab_prompts(batch, args.prompt_tokens)
-        total = batch * args.new_tokens
+        prompts, total = prompts_of(batch, args.prompt_tokens), batch * args.new_tokens
         theirs = measure(hf_run(hf, prompts, args.new_tokens), device, args.repeats)
-        for name, compile in variants:
-            if compile:
-                started = time.perf_counter()
-                kimbho_run(model, prompts, 2, compile)()
-                print(f"  compiling the decode step for batch {batch}: {time.perf_counter() - started:.1f} s")
-            ours = measure(kimbho_run(model, prompts, args.new_tokens, compile), device, args.repeats)
-            same = "same" if ours.tokens == theirs.tokens else "DIFFERENT"
-            if batch == 1 and name == "eager":
-                kimbho_b1 = total / ours.seconds
-            rows.append(
-                (
-                    f"fp32 batch {batch}, Kimbho {name}",
-                    f"{total / ours.seconds:,.0f} vs {total / theirs.seconds:,.0f}",
-                    f"**{theirs.seconds / ours.seconds:.2f}x**",
-                    f"{ours.peak_mib:.0f} vs {theirs.peak_mib:.0f}",
-                    f"{same} tokens",
-                )
-            )
-            print(f"  {rows[-1]}")
-        if batch != 1 and kimbho_b1:
-            ours_tps = float(rows[-len(variants)][1].split(" vs ")[0].replace(",", ""))
-            print(f"  batch {batch} / batch 1 aggregate tokens/s (Kimbho eager): {ours_tps / kimbho_b1:.2f}x")
+        ours = measure(kimbho_run(model, prompts, args.new_tokens, False), device, args.repeats)
+        row(f"fp32, batch {batch}", ours, theirs, total)
+        if batch == 1:
+            hf_step, kimbho_b1 = theirs.seconds / args.new_tokens, total / ours.seconds
+        elif kimbho_b1:
+            print(f"  Kimbho batch {batch} / batch 1, tokens/s: {total / ours.seconds / kimbho_b1:.2f}x")
+        if args.compile:
+            started = time.perf_counter()
+            kimbho_run(model, prompts, 2, True)()
+            print(f"  compiling the decode step for batch {batch}: {time.perf_counter() - started:.0f} s")
+            compiled = measure(kimbho_run(model, prompts, args.new_tokens, True), device, args.repeats)
+            row(f"fp32, batch {batch}, Kimbho compiled", compiled, theirs, total)
 
-    # Time to first token: prefill of a long prompt plus the first token.
-    prompt = vocab_prompts(1, args.ttft_prompt)
+    prompt = prompts_of(1, args.ttft_prompt)
     ours = measure(kimbho_run(model, prompt, 1, False), device, args.repeats)
     theirs = measure(hf_run(hf, prompt, 1), device, args.repeats)
-    step = measure(hf_run(hf, vocab_prompts(1, args.prompt_tokens), args.new_tokens), device, 1).seconds
-    hf_step = step / args.new_tokens
-    rows.append(
-        (
-            f"time to first token, {args.ttft_prompt}-token prompt",
-            f"{ours.seconds * 1e3:.1f} ms vs {theirs.seconds * 1e3:.1f} ms",
-            f"**{theirs.seconds / ours.seconds:.2f}x**",
-            f"{ours.peak_mib:.0f} vs {theirs.peak_mib:.0f}",
-            f"= {ours.seconds / hf_step:.1f} HF decode steps ({hf_step * 1e3:.1f} ms each)",
-        )
-    )
-    print(f"  {rows[-1]}")
+    row(f"fp32, time to first token, {args.ttft_prompt}-token prompt", ours, theirs, None)
+    if hf_step:
+        print(f"  = {ours.seconds / hf_step:.1f} Hugging Face decode steps of {hf_step * 1e3:.1f} ms")
 
     if args.bf16_tokens:
-        model16, hf16 = model.to(torch.bfloat16), hf.to(torch.bfloat16)
-        prompts = vocab_prompts(1, args.prompt_tokens)
-        ours = measure(kimbho_run(model16, prompts, args.bf16_tokens, False), device, 1)
-        theirs = measure(hf_run(hf16, prompts, args.bf16_tokens), device, 1)
-        rows.append(
-            (
-                f"bf16 batch 1 ({args.bf16_tokens} new tokens)",
-                f"{args.bf16_tokens / ours.seconds:,.1f} vs {args.bf16_tokens / theirs.seconds:,.1f}",
-                f"**{theirs.seconds / ours.seconds:.2f}x**",
-                f"{ours.peak_mib:.0f} vs {theirs.peak_mib:.0f}",
-                "same tokens" if ours.tokens == theirs.tokens else "different tokens (bf16 rounding)",
-            )
-        )
-        print(f"  {rows[-1]}")
+        model, hf = model.to(torch.bfloat16), hf.to(torch.bfloat16)
+        for batch in args.batch:
+            prompts, total = prompts_of(batch, args.prompt_tokens), batch * args.bf16_tokens
+            theirs = measure(hf_run(hf, prompts, args.bf16_tokens), device, 1)
+            ours = measure(kimbho_run(model, prompts, args.bf16_tokens, False), device, 1)
+            row(f"bf16, batch {batch}, {args.bf16_tokens} new tokens", ours, theirs, total)
+        ours = measure(kimbho_run(model, prompt, 1, False), device, 1)
+        theirs = measure(hf_run(hf, prompt, 1), device, 1)
+        row(f"bf16, time to first token, {args.ttft_prompt}-token prompt", ours, theirs, None)
 
     print()
-    print(
-        "| run | Kimbho vs Hugging Face (tokens/s or time) | speed-up | peak MiB added (Kimbho vs HF) | check |"
-    )
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print("| run | Kimbho | Hugging Face | speed-up | peak MiB added, Kimbho / HF | check |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(table))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ need no network and nothing outside the repository."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import sys
 import threading
@@ -117,3 +118,36 @@ def running_server(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+# Text that trips up tokenizer conversions: special-token strings as plain text, combining marks,
+# emoji (4-byte UTF-8), non-breaking and thin spaces, CRLF, runs of whitespace, contractions.
+TRICKY = [
+    "The assert statement",
+    "<|endoftext|> is text here, not a document boundary<|pad|><|user|>",
+    "naïve café, 日本語のテキスト, Ünïcödé, e\u0301 (combining), 😀🎉👩‍👩‍👧",
+    "\u00a0non-breaking\u2009thin\u3000ideographic",
+    "  leading spaces\r\n\r\n\ttabs   and trailing   ",
+    "don't, I'll, we've, they're, it's, O'Neil's",
+    "x = [1, 2, 3]\nfor i in range(10):\n    print(i ** 2)  # 0123456789",
+    "",
+]
+
+
+@pytest.fixture
+def kimbho_log() -> Iterator[list[str]]:
+    """Messages of the `kimbho` logger during the test (the CLI turns its propagation off, so
+    pytest's caplog does not always see them)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger, handler = logging.getLogger("kimbho"), Collect()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -19,18 +19,25 @@ def _sequence_logprob(model: kimbho.KimbhoV1Model, prompt: list[int], new: list[
 
 def test_beam_logprob_is_at_least_greedys(trained_run) -> None:
     """On a trained model's prompts beam search finds continuations at least as likely as greedy
-    decoding's. (Not a theorem: a random model can prune the greedy path early, and Hugging Face's
-    beam search, which ours matches token for token below, does the same there.)"""
+    decoding's. (Not a theorem: a narrow beam can prune the greedy path early, and Hugging Face's
+    beam search, which ours matches token for token below, does the same. Measured on this
+    fixture: 2 beams lose to greedy on one prompt of four when it is trained with Muon, and win
+    overall; 4 beams win on every prompt with either optimizer.)"""
     model, tok = kimbho.load(trained_run)
+    totals = {"greedy": 0.0, 2: 0.0, 4: 0.0}
     for text in ("The assert statement", "A class definition", "If the", "return"):
         prompt = tok.encode(text)
         greedy = _greedy_with_logprob(model, prompt, 12)
+        totals["greedy"] += greedy.logprob
         for beams in (2, 4):
             best = beam_search(Engine(model, slots=beams), prompt, beams, 12)
             assert len(best.tokens) == 12
-            assert best.logprob >= greedy.logprob - 1e-4, (text, beams)
+            totals[beams] += best.logprob
+            if beams == 4:
+                assert best.logprob >= greedy.logprob - 1e-4, (text, beams)
             # The reported score is the sequence's true log-probability under the model.
             assert best.logprob == pytest.approx(_sequence_logprob(model, prompt, best.tokens), abs=1e-3)
+    assert totals[2] >= totals["greedy"] and totals[4] >= totals["greedy"]
 
 
 @pytest.mark.parametrize("prompt", [[300], [5, 6, 7], list(range(40, 52))])

@@ -134,6 +134,34 @@ def test_gqa_parity_with_transformers_llama(tie: bool) -> None:
     assert expected.abs().max() > 0.1  # the comparison is not between near-zero tensors
 
 
+def test_gqa_parity_with_transformers_llama_in_bf16() -> None:
+    """Under bf16 autocast both models round at the same products: logits agree to bf16 precision."""
+    hf, cfg = _tiny_llama(False)
+    model = KimbhoV1Model(cfg).eval()
+    model.load_state_dict(from_hf(hf.state_dict(), cfg))
+    ids = torch.randint(0, 131, (2, 96))
+    with torch.no_grad():
+        reference = hf(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, got = hf(ids).logits.float(), model(ids).float()
+    scale = reference.abs().max().item()
+    assert (got - expected).abs().max().item() <= 0.02 * scale
+    assert (got - reference).abs().max().item() <= 0.02 * scale
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_model: KimbhoV1Model) -> None:
+    ids = torch.randint(0, 512, (2, 20))
+    tiny_model.train()
+    grads = []
+    for checkpointing in (False, True):
+        tiny_model.checkpoint_activations = checkpointing
+        tiny_model.zero_grad()
+        tiny_model(ids).square().mean().backward()
+        grads.append([p.grad.clone() for p in tiny_model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed)
+
+
 def test_hf_key_map_round_trip() -> None:
     hf, cfg = _tiny_llama(False)
     state = from_hf(hf.state_dict(), cfg)

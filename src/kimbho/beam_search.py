@@ -51,7 +51,8 @@ def beam_search(
     beams = [Hypothesis([], 0.0)]
     finished: list[Hypothesis] = []
     for step in range(max_new_tokens):
-        totals = torch.log_softmax(logits, dim=-1) + torch.tensor([b.logprob for b in beams])[:, None]
+        scores = torch.tensor([b.logprob for b in beams], device=logits.device)
+        totals = torch.log_softmax(logits, dim=-1) + scores[:, None]
         # 2 * num_beams candidates: enough to keep num_beams running even if half end here.
         values, flat = totals.view(-1).topk(min(2 * num_beams, totals.numel()))
         running, parents = [], []

@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import KimbhoError
+from .errors import KimbhoError, ReportedElsewhere
 
 log = logging.getLogger("kimbho")
 
@@ -58,18 +59,43 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         )
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     from .config import resolve_run_config
-    from .train import Trainer
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if args.init is not None and args.preset is not None:
+        raise KimbhoError("--init takes the model config from MODEL; drop --preset")
     run, explicit = resolve_run_config(args.config, args.preset, overrides)
-    trainer = Trainer(run, args.data, args.out, resume=args.resume, explicit_keys=explicit)
+    if args.nproc is not None:
+        from .distributed import launch, split_batch
+
+        if args.nproc >= 1:  # what can be checked before starting the processes
+            split_batch(run.train.batch_size, run.train.micro_batch_size, args.nproc)
+        return launch(args.nproc, _without_option(args.argv, "--nproc"))
+
+    from .train import Trainer
+
+    trainer = Trainer(
+        run,
+        args.data,
+        args.out,
+        resume=args.resume,
+        explicit_keys=explicit,
+        init_from=args.init,
+        force_resume=args.force_resume,
+    )
+    if not trainer.world.is_main:
+        trainer.fit()  # rank 0 reports
+        return 0
     params = trainer.model.num_params()
+    processes = (
+        f" x {trainer.world.size} processes ({trainer.cfg.parallel})" if trainer.world.size > 1 else ""
+    )
     log.info(
-        f"training {params / 1e6:.2f}M parameters on {trainer.device} ({str(trainer.dtype).removeprefix('torch.')}), "
+        f"training {params / 1e6:.2f}M parameters on {trainer.device}{processes} "
+        f"({str(trainer.dtype).removeprefix('torch.')}), "
         f"{trainer.cfg.max_steps} steps of {trainer.cfg.batch_size} x {trainer.seq_len} tokens"
     )
     last = trainer.fit()
@@ -78,7 +104,25 @@ def cmd_train(args: argparse.Namespace) -> None:
         for k, v in {**last.get("train", {}), **last.get("eval", {})}.items()
         if k in ("loss", "val_loss", "val_bpb")
     )
-    print(f"finished {args.out}: {summary}")
+    if "stopped_by" in last:
+        print(f"stopped {args.out} at step {trainer.progress.step} ({last['stopped_by']}): {summary}")
+    else:
+        print(f"finished {args.out}: {summary}")
+    return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option VALUE` / `option=VALUE` (the train parser takes no abbreviations)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -157,6 +201,39 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from .checkpoint import load
+    from .interop.hf import export_hf
+
+    model, tokenizer = load(args.model)
+    export_hf(model, tokenizer, args.out_dir, force=args.force, max_shard_bytes=args.max_shard_size)
+    print(f"wrote {args.out_dir}: a Hugging Face LlamaForCausalLM directory")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from .checkpoint import load
+    from .interop.gguf import export_gguf
+
+    model, tokenizer = load(args.model)
+    name = Path(args.model).resolve().name
+    export_gguf(model, tokenizer, args.out, dtype=args.dtype, force=args.force, name=name)
+    print(f"wrote {args.out}: GGUF ({args.dtype}), llama architecture")
+
+
+def _byte_size(text: str) -> int:
+    """Bytes from "500MB", "5GB" or a plain number (decimal units, as Hugging Face counts)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    upper = text.strip().upper()
+    unit = next((u for u in units if upper.endswith(u)), "B")
+    try:
+        size = int(float(upper.removesuffix(unit)) * units[unit])
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 500MB or 5GB, got {text!r}")
+    return size
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -204,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a model",
+        allow_abbrev=False,  # --nproc is passed on to torchrun's processes less itself, exactly
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (YAML sections model: and train:, or key=value on the command line):\n"
         + config_help(),
@@ -213,7 +291,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, metavar="DATA_DIR")
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     train.add_argument("--max-steps", type=int, metavar="N", help="shorthand for train.max_steps=N")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN_DIR")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in RUN_DIR (bit-identical to an uninterrupted run)",
+    )
+    train.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even if the model config, tokenizer or dataset differ from the checkpoint's",
+    )
+    train.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from MODEL's weights, config and tokenizer (a run, checkpoint or Hugging Face "
+        "directory); DATA_DIR must be prepared with MODEL's tokenizer.json",
+    )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (one per GPU, or CPU processes) with DDP, or FSDP2 "
+        "with train.parallel=fsdp: runs torchrun --standalone --nproc-per-node N for you; for several "
+        "machines start torchrun yourself (see README)",
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.set_defaults(func=cmd_train)
 
@@ -293,6 +394,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(func=cmd_serve)
 
+    export = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file")
+    export_sub = export.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
+    model_help = "run directory, checkpoint directory or Hugging Face directory"
+    exp_hf = export_sub.add_parser(
+        "hf", help="Hugging Face LlamaForCausalLM directory (transformers loads it offline)"
+    )
+    exp_hf.add_argument("model", metavar="MODEL", help=model_help)
+    exp_hf.add_argument("out_dir", metavar="OUT_DIR")
+    exp_hf.add_argument(
+        "--max-shard-size",
+        type=_byte_size,
+        default=None,
+        metavar="SIZE",
+        help="split the weights into files of at most SIZE, e.g. 500MB (default 5GB)",
+    )
+    exp_hf.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    exp_hf.set_defaults(func=cmd_export_hf)
+    exp_gguf = export_sub.add_parser("gguf", help="GGUF file for llama.cpp")
+    exp_gguf.add_argument("model", metavar="MODEL", help=model_help)
+    exp_gguf.add_argument("out", metavar="OUT.gguf")
+    exp_gguf.add_argument(
+        "--dtype", choices=("f32", "f16", "q8_0"), default="f32", help="matrix storage (default f32)"
+    )
+    exp_gguf.add_argument("--force", action="store_true", help="replace an existing file")
+    exp_gguf.set_defaults(func=cmd_export_gguf)
+
     demo = sub.add_parser(
         "demo", help="tokenizer, data, training and samples on the built-in corpus, in minutes"
     )
@@ -328,19 +455,28 @@ class _Formatter(logging.Formatter):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = _StderrHandler()
     handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if int(os.environ.get("RANK", "0")) > 0:
+        log.setLevel(logging.ERROR)  # under torchrun rank 0 speaks for all processes
     log.propagate = False
     try:
-        args.func(args)
+        code = args.func(args) or 0
+    except ReportedElsewhere:
+        code = 1
     except KimbhoError as e:
         print(f"kimbho: error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         print("kimbho: interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except BrokenPipeError:  # `kimbho generate ... | head`
-        return 0
-    return 0
+        code = 0
+    if "torch.distributed" in sys.modules:  # only training imports it
+        from .distributed import exit_if_in_group
+
+        exit_if_in_group(code)
+    return code

@@ -156,18 +156,18 @@ class TrainConfig:
     gradient-accumulation micro-steps."""
 
     batch_size: int = field(
-        default=32, metadata=_doc("sequences per optimizer step (all processes, all micro-steps)")
+        default=16, metadata=_doc("sequences per optimizer step (all processes, all micro-steps)")
     )
     micro_batch_size: int | None = field(
         default=None,
         metadata=_doc("sequences per forward pass on one process; unset: the whole per-process batch"),
     )
     seq_len: int | None = field(default=None, metadata=_doc("tokens per sequence; unset: model.max_seq_len"))
-    lr: float = field(default=1e-3, metadata=_doc("peak learning rate"))
+    lr: float = field(default=3e-3, metadata=_doc("peak learning rate (Muon and AdamW alike)"))
     min_lr_ratio: float = field(default=0.1, metadata=_doc("final learning rate as a fraction of the peak"))
-    warmup_steps: int = field(default=100, metadata=_doc("linear warm-up steps"))
+    warmup_steps: int = field(default=25, metadata=_doc("linear warm-up steps"))
     max_steps: int = field(default=1000, metadata=_doc("length of the run; the schedule ends here"))
-    schedule: str = field(default="cosine", metadata=_doc("cosine | wsd (warm-up, stable, decay) | constant"))
+    schedule: str = field(default="wsd", metadata=_doc("wsd (warm-up, stable, decay) | cosine | constant"))
     decay_fraction: float = field(default=0.2, metadata=_doc("wsd: fraction of the run spent decaying"))
     weight_decay: float = field(default=0.1, metadata=_doc("AdamW weight decay (matrices only)"))
     beta1: float = field(default=0.9, metadata=_doc("AdamW beta1"))
@@ -190,12 +190,50 @@ class TrainConfig:
         default=500, metadata=_doc("steps between checkpoints (a final one is always written)")
     )
     keep_last: int = field(default=3, metadata=_doc("how many checkpoints to keep"))
+    keep_best: bool = field(
+        default=True,
+        metadata=_doc("also keep the weights with the lowest validation loss in checkpoints/best/"),
+    )
+    max_skipped_steps: int = field(
+        default=10,
+        metadata=_doc(
+            "stop the run after this many optimizer steps in a row were skipped (NaN/Inf or spike)"
+        ),
+    )
+    skip_spikes: float = field(
+        default=0.0,
+        metadata=_doc(
+            "skip a step whose loss or gradient norm exceeds this many times its mean over the last "
+            "50 steps (0: off; NaN/Inf steps are always skipped)"
+        ),
+    )
     seed: int = field(default=1337, metadata=_doc("everything random derives from it"))
     precision: str = field(default="auto", metadata=_doc("auto | fp32 | bf16"))
     compile: str = field(default="auto", metadata=_doc("auto | true | false"))
-    optimizer: str = field(default="adamw", metadata=_doc("adamw | muon"))
+    optimizer: str = field(
+        default="muon", metadata=_doc("muon (Muon for hidden matrices, AdamW for the rest) | adamw")
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata=_doc("recompute each block's activations in backward: less memory, ~1/3 more compute"),
+    )
     device: str = field(
         default="auto", metadata=_doc("auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    )
+    parallel: str = field(
+        default="ddp",
+        metadata=_doc(
+            "how processes started by torchrun (or --nproc) share the work: ddp (a replica per "
+            "process, gradients averaged) | fsdp (FSDP2: parameters, gradients and optimizer state "
+            "sharded); one process trains unsharded"
+        ),
+    )
+    dist_timeout: float = field(
+        default=1800.0,
+        metadata=_doc(
+            "seconds a process waits for the others at a collective (gradient sync, checkpoint "
+            "gathering) before the run fails"
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -208,8 +246,16 @@ class TrainConfig:
                 raise KimbhoError(f"train.{name} must not be negative, got {getattr(self, name)}")
         if self.keep_last < 1:
             raise KimbhoError(f"train.keep_last must be at least 1, got {self.keep_last}")
+        if self.max_skipped_steps < 1:
+            raise KimbhoError(f"train.max_skipped_steps must be at least 1, got {self.max_skipped_steps}")
+        if self.skip_spikes != 0 and self.skip_spikes <= 1:
+            raise KimbhoError(
+                f"train.skip_spikes must be 0 (off) or a factor above 1 (such as 3), got {self.skip_spikes}"
+            )
         if self.lr <= 0:
             raise KimbhoError(f"train.lr must be positive, got {self.lr}")
+        if self.dist_timeout <= 0:
+            raise KimbhoError(f"train.dist_timeout must be positive (seconds), got {self.dist_timeout}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise KimbhoError(f"train.micro_batch_size must be positive, got {self.micro_batch_size}")
         if self.seq_len is not None and self.seq_len <= 0:
@@ -219,6 +265,7 @@ class TrainConfig:
             "precision": ("auto", "fp32", "bf16"),
             "compile": ("auto", "true", "false"),
             "optimizer": ("adamw", "muon"),
+            "parallel": ("ddp", "fsdp"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -154,8 +154,9 @@ def _write_shards(
                 else "train"
             )
             index += 1
-            writers[split].write(ids, len(section.text.encode()), eot if section.end_of_document else None)
-            progress.update(len(section.text.encode()))
+            num_bytes = len(section.text.encode())
+            writers[split].write(ids, num_bytes, eot if section.end_of_document else None)
+            progress.update(num_bytes)
 
     batch: list[Section] = []
     size = 0
@@ -221,7 +222,7 @@ class _ShardWriter:
         name = f"{self.split}-{len(self.shards):05d}.npy"
         data = self.buffer[: self.fill]
         np.save(self.out / name, data)
-        self.digest.update(data.tobytes())
+        self.digest.update(memoryview(data))  # no copy of the (up to 256 MiB) buffer
         self.shards.append(name)
         self.fill = 0
 
@@ -254,6 +255,12 @@ def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if meta.get("format") != "kimbho-tokens-v1":
         raise KimbhoError(f"{path} is not a Kimbho data directory (format {meta.get('format')!r})")
     return meta
+
+
+def dataset_fingerprint(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What identifies a prepared dataset's content: per split, its token count and the SHA-256
+    of its token ids (computed by `prepare`). Checkpoints store it so resume can refuse other data."""
+    return {split: {k: meta["splits"][split][k] for k in ("tokens", "sha256")} for split in SPLITS}
 
 
 class TokenStream:

@@ -12,3 +12,8 @@ class KimbhoError(ValueError):
 
     It subclasses `ValueError` so that Python callers can catch the familiar type.
     """
+
+
+class ReportedElsewhere(KimbhoError):
+    """A `KimbhoError` that another process of a multi-process run (rank 0) reports for all of
+    them: this process exits with status 1 without repeating it (see `distributed.py`)."""

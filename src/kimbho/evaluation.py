@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .corpus import CorpusReport, read_sections
 from .data import TokenStream, eval_windows, load_meta
 from .device import autocast
 from .errors import KimbhoError
+from .loss import linear_cross_entropy
 from .model import KimbhoV1Model
 from .tokenizer import Tokenizer
 
@@ -41,8 +41,8 @@ def sum_loss(
         nonlocal total, count
         chunk = torch.stack(batch).to(device)
         with autocast(device, dtype):
-            logits = model(chunk[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+            hidden = model.features(chunk[:, :-1])
+            total += linear_cross_entropy(hidden, model.head.weight, chunk[:, 1:], reduction="sum").item()
         count += chunk[:, 1:].numel()
 
     for window in windows:

@@ -137,16 +137,3 @@ def draw(
     return torch.cat(
         [torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generators, strict=True)]
     )
-
-
-def next_token(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    seen: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    counts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The next token id of each row, (B,), from last-position logits (B, vocab); every row draws
-    from the one `generator`."""
-    scores = process_logits(logits, params, seen, counts)
-    return draw(scores, params, [generator] * logits.shape[0])

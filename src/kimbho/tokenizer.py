@@ -105,8 +105,9 @@ class Tokenizer:
         return self.inner.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once (in parallel, in Rust)."""
-        return [e.ids for e in self.inner.encode_batch(texts, add_special_tokens=False)]
+        """Encode many texts at once, in parallel in Rust (the `_fast` variant skips offset
+        tracking we never use: about twice the throughput)."""
+        return [e.ids for e in self.inner.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.inner.decode(list(ids), skip_special_tokens=skip_special_tokens)

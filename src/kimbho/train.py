@@ -1,8 +1,12 @@
-"""The training loop: AdamW, warm-up then cosine (or WSD) learning rate, gradient clipping and
-accumulation, periodic validation, samples and checkpoints.
+"""The training loop: warm-up then cosine (or WSD) learning rate, gradient clipping and
+accumulation, periodic validation, samples and checkpoints. The optimizers live in `optim.py`,
+the fused output-projection-and-loss in `loss.py`, precision choice in `device.py`.
 
 Batch `step` is a pure function of (seed, step) (see `RandomWindowSampler`), and every random
-state is saved with each checkpoint, so a resumed run continues exactly where it stopped.
+state is saved with each checkpoint, so a resumed run continues exactly where it stopped: same
+per-step losses, bit-identical weights. Steps with a NaN/Inf loss or gradient norm are skipped
+(`guard.py`); SIGTERM/SIGINT stop the run after the current step with a checkpoint (`interrupt.py`).
+Under torchrun the same loop runs on every process, with DDP or FSDP2 (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -11,28 +15,37 @@ import logging
 import math
 import os
 import random
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import RunConfig, TrainConfig
-from .data import RandomWindowSampler, TokenStream, eval_windows, load_meta
-from .device import autocast, pick_device, pick_precision
+from .data import RandomWindowSampler, TokenStream, dataset_fingerprint, eval_windows, load_meta
+from .device import autocast, peak_flops, pick_device, pick_precision
 from .errors import KimbhoError
 from .evaluation import sum_loss, summarize
 from .generation import generate
-from .metrics import MetricsLog
+from .guard import StepGuard
+from .interrupt import GracefulStop
+from .loss import linear_cross_entropy
+from .metrics import DiscardedMetrics, MetricsLog
 from .model import KimbhoV1Model
+from .optim import build_optimizer
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kimbho")
+
+# A checkpoint chosen for resuming: its path, trainer state and weights (read by rank 0).
+Found = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -54,27 +67,30 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model: KimbhoV1Model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on gains). Fused kernels on CUDA, foreach elsewhere."""
-    if cfg.optimizer != "adamw":
-        raise KimbhoError(f"train.optimizer={cfg.optimizer} is not available yet; use adamw")
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": matrices, "weight_decay": cfg.weight_decay},
-        {"params": vectors, "weight_decay": 0.0},
-    ]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
+class NextTokenLoss(nn.Module):
+    """Mean next-token cross-entropy of a language model on a batch: the whole training forward
+    pass as one module, which DDP wraps (see `distributed.parallelize`). The head's product is
+    fused into the loss (`loss.py`): the (B, T, vocab) logits never exist. `features` is the
+    model's body, replaced by its compiled form when `train.compile` asks for it."""
+
+    def __init__(self, model: KimbhoV1Model) -> None:
+        super().__init__()
+        self.model = model
+        self.features: Callable[[torch.Tensor], torch.Tensor] = model.features
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(self.features(inputs), self.model.head.weight, targets)
 
 
 @dataclass
 class Progress:
     """How far the run has come; saved with every checkpoint."""
 
-    step: int = 0
+    step: int = 0  # optimizer steps done, which is also the data position: the next batch is `step`
     tokens_seen: int = 0
     elapsed_sec: float = 0.0
+    skipped_steps: int = 0  # steps whose update the guard refused (NaN/Inf, spikes)
+    best_val_loss: float | None = None  # of checkpoints/best/
 
 
 class Trainer:
@@ -88,44 +104,72 @@ class Trainer:
         resume: bool = False,
         explicit_keys: set[str] | frozenset[str] = frozenset(),
         progress_bar: bool = True,
+        init_from: str | os.PathLike[str] | None = None,
+        force_resume: bool = False,
     ) -> None:
+        """`resume`: continue from the newest usable checkpoint in `out_dir`. It refuses a checkpoint
+        made with another model config, tokenizer or dataset unless `force_resume` is set.
+
+        Under torchrun it joins the process group first; every process constructs a Trainer."""
         self.run, self.cfg = run, run.train
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
         self.progress_bar = progress_bar
-        meta = load_meta(self.data_dir)
-        self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
-        if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
-            raise KimbhoError(
-                f"{self.data_dir}/tokenizer.json is not the tokenizer its shards were made with"
+        self.world = distributed.setup(pick_device(self.cfg.device), self.cfg.dist_timeout)
+        self.device = self.world.device
+        with self.world.together():
+            meta = load_meta(self.data_dir)
+            self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
+            if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
+                raise KimbhoError(
+                    f"{self.data_dir}/tokenizer.json is not the tokenizer its shards were made with"
+                )
+            init = self._load_init(init_from, explicit_keys) if init_from is not None else None
+            if init is None:
+                self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
+            self.seq_len = self.cfg.seq_len or run.model.max_seq_len
+            if self.seq_len > run.model.max_seq_len:
+                raise KimbhoError(
+                    f"train.seq_len={self.seq_len} is longer than model.max_seq_len={run.model.max_seq_len}; "
+                    f"lower train.seq_len or raise model.max_seq_len"
+                )
+            self.cfg.seq_len = self.seq_len
+            self.rows, self.micro_batch = distributed.split_batch(
+                self.cfg.batch_size, self.cfg.micro_batch_size, self.world.size
             )
-        self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
-        self.seq_len = self.cfg.seq_len or run.model.max_seq_len
-        if self.seq_len > run.model.max_seq_len:
-            raise KimbhoError(
-                f"train.seq_len={self.seq_len} is longer than model.max_seq_len={run.model.max_seq_len}; "
-                f"lower train.seq_len or raise model.max_seq_len"
+            self.accum_steps = self.rows // self.micro_batch
+            self.dtype = pick_precision(self.cfg.precision, self.device)
+            self.train_data = RandomWindowSampler(
+                TokenStream(self.data_dir, "train"), self.seq_len, self.cfg.batch_size, self.cfg.seed
             )
-        self.cfg.seq_len = self.seq_len
-        self.micro_batch = self.cfg.micro_batch_size or self.cfg.batch_size
-        if self.cfg.batch_size % self.micro_batch:
-            raise KimbhoError(
-                f"train.batch_size={self.cfg.batch_size} is not a multiple of train.micro_batch_size={self.micro_batch}"
+            self.val_stream = (
+                TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
             )
-        self.accum_steps = self.cfg.batch_size // self.micro_batch
 
-        self.device = pick_device(self.cfg.device)
-        self.dtype = pick_precision(self.cfg.precision, self.device)
-        torch.manual_seed(self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every process
         self.model = KimbhoV1Model(run.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, self.cfg, self.device)
-        self.forward = self._maybe_compile(self.model)
+        if init is not None:
+            self.model.load_state_dict(init.state_dict())
+        if self.cfg.optimizer == "muon" and self.cfg.parallel == "fsdp" and self.world.size > 1:
+            # Muon orthogonalises whole matrices; FSDP leaves each process a slice of each.
+            raise self.world.error(
+                "train.optimizer=muon needs whole weight matrices, which train.parallel=fsdp shards "
+                "over processes; use train.parallel=ddp, or train.optimizer=adamw with fsdp"
+            )
+        self.model.checkpoint_activations = self.cfg.activation_checkpointing
+        # Under torchrun DDP wraps the loss, or FSDP2 shards the model (see distributed.py).
+        loss = NextTokenLoss(self.model)
+        self.train_loss = distributed.parallelize(self.model, loss, self.world, self.cfg.parallel)
+        # Compiled after sharding, which hooks FSDP2's gathering onto `model.features`.
+        loss.features = self._maybe_compile(self.model)
+        self.optimizer = build_optimizer(self.model, self.cfg, self.device)  # after sharding
+        if self.world.size > 1:
+            # Each process draws its own dropout masks.
+            torch.manual_seed(_process_seed(self.cfg.seed, self.world.rank))
 
-        self.train_data = RandomWindowSampler(
-            TokenStream(self.data_dir, "train"), self.seq_len, self.cfg.batch_size, self.cfg.seed
-        )
-        self.val_stream = TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
         self.progress = Progress()
-        self._prepare_run_dir(resume)
+        self.guard = StepGuard(self.cfg.skip_spikes)
+        self.fingerprint = {"tokenizer_sha256": self.tokenizer.sha256, "dataset": dataset_fingerprint(meta)}
+        self._prepare_run_dir(resume or force_resume, force_resume)
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -141,72 +185,178 @@ class Trainer:
                 f"(model.vocab_size); drop model.vocab_size to follow the tokenizer"
             )
 
-    def _maybe_compile(self, model: KimbhoV1Model) -> torch.nn.Module:
-        # On CPU, compiling a small model costs more start-up time than it saves (see README);
-        # on CUDA it pays, so `auto` compiles there only.
-        wanted = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.device.type == "cuda")
-        return torch.compile(model) if wanted else model  # type: ignore[return-value]
-
-    def _prepare_run_dir(self, resume: bool) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_stale_temporaries(self.out)
-        existing = checkpoint.list_checkpoints(self.out)
-        if existing and not resume:
+    def _load_init(
+        self, model_path: str | os.PathLike[str], explicit_keys: set[str] | frozenset[str]
+    ) -> KimbhoV1Model:
+        """`--init MODEL`: continue training MODEL (a run, checkpoint or Hugging Face directory).
+        Its config replaces `run.model`, and the data must have been made with its tokenizer."""
+        model_keys = sorted(k for k in explicit_keys if k.startswith("model."))
+        if model_keys:
             raise KimbhoError(
-                f"run directory {self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
+                f"--init takes the model config from {model_path}; drop {', '.join(model_keys)}"
             )
-        if resume and existing:
-            self._restore(existing[-1])
-        elif resume:
-            log.warning(f"--resume: {self.out} has no checkpoint yet, starting from step 0")
-        self.run.save(self.out / "config.yaml")
-        self.tokenizer.save(self.out / "tokenizer.json")
-        self.metrics = MetricsLog(self.out, append=self.progress.step > 0)
+        model, tokenizer = checkpoint.load(model_path)
+        if tokenizer.sha256 != self.tokenizer.sha256:
+            raise KimbhoError(
+                f"{self.data_dir} was prepared with a different tokenizer than {model_path}; "
+                f"run `kimbho prepare --tokenizer` with the tokenizer.json of {model_path}"
+            )
+        self.run.model = model.config
+        log.info(f"starting from the weights of {model_path}")
+        return model
 
-    def _restore(self, ckpt: Path) -> None:
+    def _maybe_compile(self, model: KimbhoV1Model) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`model.features`, compiled when `train.compile` asks for it. Only the model's body is
+        compiled: the fused loss computes its own gradients, and `self.model` stays the bare
+        module, so checkpoints hold its plain key names."""
+        wanted = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self._compile_pays())
+        wanted = self.world.broadcast(wanted)  # the payoff is timed: let rank 0 decide for all
+        return torch.compile(model.features) if wanted else model.features
+
+    def _compile_pays(self) -> bool:
+        """`train.compile=auto`: always on CUDA. On a CPU, measured for `small` on 2 cores,
+        compiling costs ~20 s once (~5 s from Inductor's cache) and makes each step ~15% faster,
+        so it pays for runs longer than ~2.5 minutes: compile when the run's FLOPs at the device's
+        measured peak take 3 minutes or more (4-5 minutes at a realistic utilisation)."""
+        if self.device.type == "cuda":
+            return True
+        if self.device.type != "cpu":
+            return False
+        tokens = self.cfg.max_steps * self.cfg.batch_size * self.seq_len
+        seconds_at_peak = (
+            tokens * self.model.flops_per_token(self.seq_len) / peak_flops(self.device, self.dtype)
+        )
+        return seconds_at_peak >= 180
+
+    def _prepare_run_dir(self, resume: bool, force: bool) -> None:
+        """Rank 0 sets up the run directory and picks the checkpoint to resume from; then every
+        process loads that checkpoint's state, which rank 0 alone reads."""
+        found: Found | None = None
+        with self.world.together():
+            if self.world.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                checkpoint.clean_stale_temporaries(self.out)
+                existing = checkpoint.list_checkpoints(self.out)
+                if existing and not resume:
+                    raise KimbhoError(
+                        f"run directory {self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
+                    )
+                found = self._find_checkpoint(existing, force) if resume else None
+                self.run.save(self.out / "config.yaml")
+                self.tokenizer.save(self.out / "tokenizer.json")
+        if self.world.broadcast(found is not None):
+            self._restore(found)
+        self.metrics: MetricsLog | DiscardedMetrics = (
+            MetricsLog(self.out, resume_step=self.progress.step if resume else None)
+            if self.world.is_main
+            else DiscardedMetrics()
+        )
+
+    def _find_checkpoint(self, existing: list[Path], force: bool) -> Found | None:
+        """The newest checkpoint that loads; unusable ones are set aside with a warning."""
+        for ckpt in reversed(existing):
+            try:
+                return self._read_checkpoint(ckpt, force)
+            except checkpoint.CorruptCheckpoint as e:
+                aside = checkpoint.set_aside(ckpt)
+                log.warning(f"{e}; set it aside as {aside.name} and falling back to the previous checkpoint")
+        if existing:
+            raise KimbhoError(
+                f"no usable checkpoint in {self.out / checkpoint.CHECKPOINTS} (see the warnings above); "
+                f"run again with --resume to start from step 0"
+            )
+        log.warning(f"--resume: {self.out} has no checkpoint yet, starting from step 0")
+        return None
+
+    def _read_checkpoint(self, ckpt: Path, force: bool) -> Found:
         checkpoint.verify(ckpt)
-        saved = checkpoint.read_model_config(ckpt)
-        if saved != self.run.model:
-            diff = {
-                k: (v, getattr(self.run.model, k))
-                for k, v in saved.to_dict().items()
-                if getattr(self.run.model, k) != v
-            }
-            raise KimbhoError(
-                f"cannot resume {ckpt}: the model config differs from the checkpoint's (saved, now): {diff}"
-            )
-        checkpoint.load_weights(self.model, ckpt)
         state = checkpoint.load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = Progress(**state["progress"])
-        _set_rng_state(state["rng"])
-        log.info(f"resumed from {ckpt} at step {self.progress.step}")
+        refusals, changes = checkpoint.resume_differences(ckpt, state, self.run, self.fingerprint)
+        if refusals and not force:
+            raise KimbhoError(
+                f"cannot resume from {ckpt}: {'; '.join(refusals)}. Use the run's original settings "
+                f"(see {self.out / 'config.yaml'}) or pass --force-resume to continue anyway"
+            )
+        if refusals:
+            log.warning(f"--force-resume: continuing from {ckpt} although {'; '.join(refusals)}")
+        if changes:
+            log.warning(
+                f"train config changed since {ckpt.name}: {', '.join(changes)}; continuing with the new values"
+            )
+        saved_optimizer = checkpoint.saved_train_config(ckpt).get("optimizer", self.cfg.optimizer)
+        if saved_optimizer != self.cfg.optimizer:  # only with --force-resume (a refusal otherwise)
+            log.warning(
+                f"--force-resume: {saved_optimizer}'s state is dropped; {self.cfg.optimizer} starts afresh"
+            )
+            state["optimizer"] = None
+        return ckpt, state, checkpoint.read_weights(ckpt, self.model)
+
+    def _restore(self, found: Found | None) -> None:
+        """Load the checkpoint rank 0 has read (`found`; None on the other processes)."""
+        ckpt, state, weights = found or (None, {}, {})
+        with_optimizer = self.world.broadcast(state.get("optimizer") is not None)
+        distributed.load_full_state(
+            self.model, self.optimizer, weights, state.get("optimizer") or {}, self.world, with_optimizer
+        )
+        shared = self.world.broadcast(
+            {key: state.get(key) for key in ("progress", "guard", "rng", "rng_by_rank")}
+        )
+        self.progress = Progress(**shared["progress"])
+        if shared["guard"] is not None:
+            self.guard.load_state_dict(shared["guard"])
+        saved_rng = shared["rng_by_rank"] or [shared["rng"]]  # one state per process of the saved run
+        if len(saved_rng) == self.world.size:
+            _set_rng_state(saved_rng[self.world.rank])
+        else:
+            # The data re-shards by itself (a batch is a function of the step alone), but the
+            # saved processes' random streams do not map onto the new ones: start fresh ones.
+            torch.manual_seed(_process_seed(self.cfg.seed, self.world.rank, self.progress.step))
+            if self.world.is_main and self.run.model.dropout > 0:
+                log.warning(
+                    f"resuming a checkpoint of {len(saved_rng)} process(es) on {self.world.size}: the "
+                    f"dropout masks from here on differ from those of an uninterrupted run"
+                )
+        if self.world.is_main:
+            log.info(f"resumed from {ckpt} at step {self.progress.step}")
 
     # --- the loop -----------------------------------------------------------------------------
 
     def train_step(self, step: int) -> tuple[float, float]:
-        """One optimizer step on batch `step`: (mean loss, gradient norm before clipping)."""
+        """One optimizer step on batch `step`: (mean loss, gradient norm before clipping), both
+        over the whole global batch, whatever the number of processes."""
         lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = self.train_data.batch(step)
+        inputs, targets = self.train_data.batch(step, self.world.rows(self.cfg.batch_size))
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum_steps):
             rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
             x, y = inputs[rows].to(self.device), targets[rows].to(self.device)
-            with autocast(self.device, self.dtype):
-                logits = self.forward(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / self.accum_steps
-            loss.backward()
+            with distributed.gradient_sync(
+                self.model, self.train_loss, enabled=micro == self.accum_steps - 1
+            ):
+                with autocast(self.device, self.dtype):
+                    loss = self.train_loss(x, y) / self.accum_steps
+                loss.backward()
             total += loss.detach()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        grad_norm = distributed.clip_grad_norm_(self.model.parameters(), clip)
+        # Averaged over processes, so the guard decides the same on all of them.
+        loss_value, norm_value = self.world.mean(total, grad_norm)
+        if self.guard.allows(loss_value, norm_value):  # else weights and optimizer state stay as they were
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total.item(), grad_norm.item()
+        return loss_value, norm_value
+
+    def mfu(self, tokens_per_sec: float) -> float:
+        """Model FLOPs utilisation: the model's training FLOPs at this speed over the device's
+        measured peak in the precision in use (see `device.peak_flops`)."""
+        flops = tokens_per_sec * self.model.flops_per_token(self.seq_len)
+        return flops / peak_flops(self.device, self.dtype)
 
     def evaluate(self) -> dict[str, float | int] | None:
-        """Validation loss, perplexity and bits per byte on a fixed set of windows."""
+        """Validation loss, perplexity and bits per byte on a fixed set of windows. Every process
+        evaluates all of them (FSDP needs all processes in each forward pass)."""
         if self.val_stream is None:
             return None
         windows = eval_windows(
@@ -232,17 +382,58 @@ class Trainer:
         return self.tokenizer.decode(ids[0, 1:].tolist(), skip_special_tokens=True)
 
     def save(self) -> Path:
+        """Checkpoint the whole training state at the current step (see `checkpoint.py`). Every
+        process takes part (the state is gathered from all of them); rank 0 writes it."""
+        weights = distributed.full_weights(self.model)
+        optimizer = distributed.full_optimizer_state(self.model, self.optimizer)
+        rng = self.world.gather(_rng_state())
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "progress": vars(self.progress).copy(),
-            "rng": _rng_state(),
+            # The sampler's position, explicitly: batch `next_step` of RandomWindowSampler(seed).
+            "data": {
+                "next_step": self.progress.step,
+                "seed": self.cfg.seed,
+                "batch_size": self.cfg.batch_size,
+                "seq_len": self.seq_len,
+            },
+            "rng": rng[0] if rng else None,
+            "guard": self.guard.state_dict(),
+            "fingerprint": self.fingerprint,
         }
-        return checkpoint.save_checkpoint(
-            self.out, self.progress.step, self.model, state, self.run, self.tokenizer, self.cfg.keep_last
-        )
+        if self.world.size > 1:
+            state["rng_by_rank"] = rng
+        with self.world.together():
+            if self.world.is_main:
+                checkpoint.save_checkpoint(
+                    self.out, self.progress.step, weights, state, self.run, self.tokenizer, self.cfg.keep_last
+                )
+        return self.out / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(self.progress.step)
+
+    def _save_best(self, val_loss: float) -> None:
+        """Keep the weights of the lowest validation loss so far in checkpoints/best/."""
+        best = self.progress.best_val_loss
+        if not self.cfg.keep_best or not math.isfinite(val_loss) or (best is not None and val_loss >= best):
+            return
+        self.progress.best_val_loss = val_loss
+        weights = distributed.full_weights(self.model)
+        with self.world.together():
+            if self.world.is_main:
+                checkpoint.save_checkpoint(
+                    self.out,
+                    self.progress.step,
+                    weights,
+                    None,
+                    self.run,
+                    self.tokenizer,
+                    self.cfg.keep_last,
+                    name=checkpoint.BEST,
+                    val_loss=val_loss,
+                )
 
     def fit(self) -> dict[str, Any]:
-        """Train to `max_steps`; returns the last train and eval records."""
+        """Train to `max_steps`; returns the last train and eval records, plus `stopped_by` (the
+        signal's name) when SIGTERM/SIGINT ended the run early, after saving a checkpoint."""
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * self.seq_len
         self.model.train()
@@ -251,7 +442,7 @@ class Trainer:
             initial=self.progress.step,
             desc="training",
             unit="step",
-            disable=not self.progress_bar or None,
+            disable=not (self.progress_bar and self.world.is_main) or None,
             dynamic_ncols=True,
         )
         interval_losses: list[float] = []
@@ -259,52 +450,110 @@ class Trainer:
         session_start, elapsed_before = time.perf_counter(), self.progress.elapsed_sec
         last: dict[str, Any] = {}
         try:
-            while self.progress.step < cfg.max_steps:
-                step = self.progress.step
-                loss, grad_norm = self.train_step(step)
-                self.progress.step += 1
-                self.progress.tokens_seen += tokens_per_step
-                self.progress.elapsed_sec = elapsed_before + time.perf_counter() - session_start
-                interval_losses.append(loss)
-                interval_steps += 1
-                bar.update(1)
-                done = self.progress.step
-                if done % cfg.log_every == 0 or done == cfg.max_steps:
-                    seconds = time.perf_counter() - interval_start
-                    record = {
-                        "loss": sum(interval_losses) / len(interval_losses),
-                        "lr": lr_at(step, cfg),
-                        "grad_norm": grad_norm,
-                        "tokens_seen": self.progress.tokens_seen,
-                        "tokens_per_sec": interval_steps * tokens_per_step / max(seconds, 1e-9),
-                        "elapsed_sec": self.progress.elapsed_sec,
-                    }
-                    self.metrics.write("train", done, **record)
-                    last["train"] = record
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-                    interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
-                eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps
-                if eval_due and (result := self.evaluate()) is not None:
-                    record = {
-                        "val_loss": result["loss"],
-                        "val_ppl": result["perplexity"],
-                        "val_bpb": result["bits_per_byte"],
-                    }
-                    self.metrics.write("eval", done, **record)
-                    last["eval"] = record
-                    bar.write(
-                        f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}"
-                    )
-                # Samples come with each validation unless sample_every sets their own rhythm.
-                sample_due = done % cfg.sample_every == 0 if cfg.sample_every else eval_due
-                if sample_due and cfg.sample_tokens:
-                    self.metrics.write("sample", done, text=self.sample_text())
-                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-                    self.save()
+            with GracefulStop() as stop:
+                while self.progress.step < cfg.max_steps:
+                    step = self.progress.step
+                    loss, grad_norm = self.train_step(step)
+                    self.progress.step += 1
+                    self.progress.tokens_seen += tokens_per_step
+                    self.progress.elapsed_sec = elapsed_before + time.perf_counter() - session_start
+                    interval_steps += 1
+                    bar.update(1)
+                    done = self.progress.step
+                    if self.guard.last_reason is None:
+                        interval_losses.append(loss)
+                    else:
+                        self._record_skip(done, loss, grad_norm)
+                    if done % cfg.log_every == 0 or done == cfg.max_steps:
+                        seconds = time.perf_counter() - interval_start
+                        tokens_per_sec = interval_steps * tokens_per_step / max(seconds, 1e-9)
+                        record = {
+                            "loss": sum(interval_losses) / len(interval_losses) if interval_losses else None,
+                            "lr": lr_at(step, cfg),
+                            "grad_norm": _finite_or_none(grad_norm),
+                            "tokens_seen": self.progress.tokens_seen,
+                            "tokens_per_sec": tokens_per_sec,
+                            "mfu": self.mfu(tokens_per_sec),
+                            "elapsed_sec": self.progress.elapsed_sec,
+                            "skipped_steps": self.progress.skipped_steps,
+                        }
+                        self.metrics.write("train", done, **record)
+                        last["train"] = record
+                        if record["loss"] is not None:
+                            bar.set_postfix(
+                                loss=f"{record['loss']:.3f}",
+                                tok_s=f"{tokens_per_sec:.0f}",
+                                mfu=f"{record['mfu']:.0%}",
+                            )
+                        interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
+                    eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps
+                    if eval_due and (result := self.evaluate()) is not None:
+                        record = {
+                            "val_loss": result["loss"],
+                            "val_ppl": result["perplexity"],
+                            "val_bpb": result["bits_per_byte"],
+                        }
+                        self.metrics.write("eval", done, **record)
+                        last["eval"] = record
+                        if self.world.is_main:
+                            bar.write(
+                                f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}"
+                            )
+                        self._save_best(record["val_loss"])
+                    # Samples come with each validation unless sample_every sets their own rhythm.
+                    sample_due = done % cfg.sample_every == 0 if cfg.sample_every else eval_due
+                    if sample_due and cfg.sample_tokens:
+                        self.metrics.write("sample", done, text=self.sample_text())
+                    # A signal seen by any process stops all of them after this same step.
+                    signum = self.world.max(signal.Signals[stop.signal_name].value if stop.signal_name else 0)
+                    save_due = (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps
+                    if save_due or signum:
+                        saved = self.save()
+                    if signum:
+                        name = signal.Signals(signum).name
+                        log.warning(
+                            f"stopped by {name} after step {done}: saved {saved}; continue with --resume"
+                        )
+                        last["stopped_by"] = name
+                        break
+        except RuntimeError as e:
+            if self.world.size == 1 or not distributed.lost_contact(e):
+                raise
+            raise KimbhoError(
+                f"process {self.world.rank} lost contact with the others ({str(e).splitlines()[0][:200]}); "
+                f"if one of them failed, its own message says why. Continue with --resume"
+            ) from None
         finally:
             bar.close()
             self.metrics.close()
         return last
+
+    def _record_skip(self, done: int, loss: float, grad_norm: float) -> None:
+        """Count a step the guard refused; stop the run when too many come in a row."""
+        reason = self.guard.last_reason
+        self.progress.skipped_steps += 1
+        self.metrics.write(
+            "skip", done, reason=reason, loss=_finite_or_none(loss), grad_norm=_finite_or_none(grad_norm)
+        )
+        log.warning(f"step {done}: skipped the optimizer step: {reason}")
+        if self.guard.consecutive >= self.cfg.max_skipped_steps:
+            kept = checkpoint.list_checkpoints(self.out)
+            raise self.world.error(
+                f"stopping: the last {self.guard.consecutive} steps (up to step {done}) were all skipped, "
+                f"the last for a {reason}; "
+                + (f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet")
+                + ". Lower train.lr or check the data, then continue with --resume"
+            )
+
+
+def _process_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed for the random stream (dropout) of process `rank`, distinct for each process."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or Infinity: a non-finite number is recorded as null."""
+    return value if math.isfinite(value) else None
 
 
 def _rng_state() -> dict[str, Any]:

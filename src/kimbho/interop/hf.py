@@ -1,19 +1,35 @@
-"""Hugging Face `LlamaForCausalLM` <-> Kimbho: the whole key map in one place.
+"""Hugging Face `LlamaForCausalLM` <-> Kimbho: the whole key map in one place, and the directory
+format around it (export with `export_hf`, import with `load_hf_directory`).
 
 Kimbho keeps Llama's layout and meanings (rotate-half RoPE, same norms, same head order), so
 conversion is a rename plus splitting (or joining) the two fused matrices: `attn.qkv` holds
 `q_proj`, `k_proj`, `v_proj` stacked along the output dimension, and `mlp.gate_up` holds
 `gate_proj` then `up_proj`. No q/k permutation happens here.
+
+An exported directory loads with nothing but `transformers` installed:
+
+    OUT_DIR/
+        config.json                     LlamaConfig (architectures: LlamaForCausalLM)
+        model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+        tokenizer.json                  the model's own byte-level BPE, unchanged
+        tokenizer_config.json           special tokens; split_special_tokens: true (see below)
+        generation_config.json          special ids and `kimbho generate`'s sampling defaults
 """
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import KimbhoConfig
 from ..errors import KimbhoError
+from ..model import KimbhoV1Model
+from ..tokenizer import Tokenizer
+from .output import staged_directory
 
 # Kimbho name -> Hugging Face name for every tensor that maps one to one; {i} is the layer.
 _RENAMES = {
@@ -37,63 +53,92 @@ _FUSED = {
         "model.layers.{i}.mlp.up_proj.weight",
     ),
 }
+# Tensors some Llama checkpoints carry that hold nothing Kimbho needs (RoPE tables it recomputes).
+_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", the size most Hub models are split at
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")  # imported tokenizers; Kimbho's starts with end-of-text
 
 
-def _layer_names(table: dict[str, Any], config: KimbhoConfig) -> list[tuple[str, Any]]:
-    """The table with `{i}` filled in for every layer."""
+def expand_layers(table: dict[str, Any], config: KimbhoConfig) -> list[tuple[str, Any]]:
+    """A key table (`{i}` = layer) with every layer filled in: [(kimbho_name, other_name(s))]."""
     pairs = []
-    for kimbho_name, hf in table.items():
+    for kimbho_name, other in table.items():
         for i in range(config.num_blocks) if "{i}" in kimbho_name else [0]:
-            hf_names = tuple(n.format(i=i) for n in hf) if isinstance(hf, tuple) else hf.format(i=i)
-            pairs.append((kimbho_name.format(i=i), hf_names))
+            names = tuple(n.format(i=i) for n in other) if isinstance(other, tuple) else other.format(i=i)
+            pairs.append((kimbho_name.format(i=i), names))
     return pairs
 
 
-def _split_sizes(kimbho_name: str, config: KimbhoConfig) -> list[int]:
+def split_fused(kimbho_name: str, tensor: torch.Tensor, config: KimbhoConfig) -> list[torch.Tensor]:
+    """The parts of a fused matrix (q, k, v or gate, up), each its own copy so files can hold them."""
     if kimbho_name.endswith("qkv.weight"):
         kv = config.num_kv_heads * config.head_dim
-        return [config.num_heads * config.head_dim, kv, kv]
-    assert config.mlp_hidden is not None
-    return [config.mlp_hidden, config.mlp_hidden]
+        sizes = [config.num_heads * config.head_dim, kv, kv]
+    else:
+        assert config.mlp_hidden is not None
+        sizes = [config.mlp_hidden, config.mlp_hidden]
+    return [part.clone() for part in tensor.split(sizes, dim=0)]
 
 
 def to_hf(state: dict[str, torch.Tensor], config: KimbhoConfig) -> dict[str, torch.Tensor]:
     """Kimbho state dict -> `LlamaForCausalLM` state dict (tied models carry no `lm_head.weight`)."""
     out: dict[str, torch.Tensor] = {}
-    for name, hf_name in _layer_names(_RENAMES, config):
+    for name, hf_name in expand_layers(_RENAMES, config):
         if name == "head.weight" and config.tie_embeddings:
             continue
         out[hf_name] = state[name]
-    for name, hf_names in _layer_names(_FUSED, config):
-        for hf_name, part in zip(hf_names, state[name].split(_split_sizes(name, config), dim=0), strict=True):
-            out[hf_name] = part.contiguous()
+    for name, hf_names in expand_layers(_FUSED, config):
+        for hf_name, part in zip(hf_names, split_fused(name, state[name], config), strict=True):
+            out[hf_name] = part
     return out
 
 
 def from_hf(hf_state: dict[str, torch.Tensor], config: KimbhoConfig) -> dict[str, torch.Tensor]:
-    """`LlamaForCausalLM` state dict -> Kimbho state dict, checking every name and shape."""
+    """`LlamaForCausalLM` state dict -> Kimbho state dict, refusing missing, unexpected or misshapen
+    tensors with a message naming the first one."""
+    _check_hf_state(hf_state, config)
     state: dict[str, torch.Tensor] = {}
-
-    def take(hf_name: str) -> torch.Tensor:
-        if hf_name not in hf_state:
-            raise KimbhoError(
-                f"Hugging Face weights lack {hf_name}; is this a Llama checkpoint of this config?"
-            )
-        return hf_state[hf_name]
-
-    for name, hf_name in _layer_names(_RENAMES, config):
-        if name == "head.weight" and config.tie_embeddings:
-            continue
-        state[name] = take(hf_name)
-    for name, hf_names in _layer_names(_FUSED, config):
-        state[name] = torch.cat([take(n) for n in hf_names], dim=0)
+    for name, hf_name in expand_layers(_RENAMES, config):
+        if not (name == "head.weight" and config.tie_embeddings):
+            state[name] = hf_state[hf_name]
+    for name, hf_names in expand_layers(_FUSED, config):
+        state[name] = torch.cat([hf_state[n] for n in hf_names], dim=0)
     if config.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
     return state
 
 
+def _check_hf_state(hf_state: dict[str, torch.Tensor], config: KimbhoConfig) -> None:
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        expected = {n: tuple(t.shape) for n, t in to_hf(KimbhoV1Model(config).state_dict(), config).items()}
+    missing = [n for n in expected if n not in hf_state]
+    if missing:
+        raise KimbhoError(
+            f"the weights lack {missing[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + "; they do not belong to a Llama model of this config.json"
+        )
+    tied_head = {"lm_head.weight"} if config.tie_embeddings else set()
+    extra = [n for n in hf_state if n not in expected and n not in tied_head and not _IGNORED.match(n)]
+    if extra:
+        raise KimbhoError(
+            f"the weights hold {extra[0]}, which a Llama model of this config.json does not have; "
+            f"Kimbho would have to drop it"
+        )
+    for name, shape in expected.items():
+        if tuple(hf_state[name].shape) != shape:
+            raise KimbhoError(
+                f"weight {name} has shape {tuple(hf_state[name].shape)}, but config.json implies {shape}"
+            )
+
+
 def config_to_hf(config: KimbhoConfig, **special_ids: int | None) -> dict[str, Any]:
-    """`LlamaConfig` fields with the same meaning as the Kimbho config."""
+    """`LlamaConfig` fields with the same meaning as the Kimbho config. `rope_parameters` is how
+    transformers 5 reads the RoPE base; `rope_theta` is kept for older readers (transformers 4,
+    llama.cpp's converter)."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -107,6 +152,7 @@ def config_to_hf(config: KimbhoConfig, **special_ids: int | None) -> dict[str, A
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -121,7 +167,12 @@ def config_to_hf(config: KimbhoConfig, **special_ids: int | None) -> dict[str, A
 def config_from_hf(hf: dict[str, Any]) -> KimbhoConfig:
     """A Kimbho config from a Hugging Face `config.json` of a Llama model; other architectures
     and Llama variants Kimbho does not implement are refused by name."""
-    archs = hf.get("architectures") or [hf.get("model_type", "unknown")]
+    if not hf.get("architectures") and not hf.get("model_type"):
+        raise KimbhoError(
+            "config.json names no architecture or model_type: this is neither a Kimbho checkpoint "
+            "nor a Hugging Face model directory"
+        )
+    archs = hf.get("architectures") or [hf["model_type"]]
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
         raise KimbhoError(
             f"architecture {archs[0]} is not supported; Kimbho loads Llama-architecture models only"
@@ -136,26 +187,194 @@ def config_from_hf(hf: dict[str, Any]) -> KimbhoConfig:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise KimbhoError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    heads, kv_heads = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    try:
+        heads = hf["num_attention_heads"]
+        kv_heads = hf.get("num_key_value_heads") or heads
+        hidden, vocab = hf["hidden_size"], hf["vocab_size"]
+        blocks, mlp_hidden = hf["num_hidden_layers"], hf["intermediate_size"]
+    except KeyError as e:
+        raise KimbhoError(f"config.json of this Llama model lacks {e.args[0]}") from None
     if heads % kv_heads:
         raise KimbhoError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
-        raise KimbhoError(
-            f"head_dim={head_dim} x {heads} heads != hidden_size={hf['hidden_size']}; not supported"
-        )
+    head_dim = hf.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise KimbhoError(f"head_dim={head_dim} x {heads} heads != hidden_size={hidden}; not supported")
     pad = hf.get("pad_token_id")
     return KimbhoConfig(
-        vocab_size=hf["vocab_size"],
-        emb_dim=hf["hidden_size"],
+        vocab_size=vocab,
+        emb_dim=hidden,
         num_heads=heads,
-        num_blocks=hf["num_hidden_layers"],
+        num_blocks=blocks,
         group_size=heads // kv_heads,
         rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        pad_idx=pad if isinstance(pad, int) and 0 <= pad < hf["vocab_size"] else 0,
+        pad_idx=pad if isinstance(pad, int) and 0 <= pad < vocab else 0,
         max_seq_len=hf.get("max_position_embeddings", 2048),
-        mlp_hidden=hf["intermediate_size"],
+        mlp_hidden=mlp_hidden,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02),
     )
+
+
+# --- directories ------------------------------------------------------------------------------
+
+
+def export_hf(
+    model: KimbhoV1Model,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    force: bool = False,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write `model` and `tokenizer` as a Hugging Face Llama directory that
+    `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline.
+    Weights go in shards of at most `max_shard_bytes` (default 5GB) when they are larger. The
+    directory appears complete or not at all; an existing non-empty one needs `force`."""
+    config = model.config
+    specials = special_tokens(tokenizer)
+    ids = {f"{role}_token_id": token_id for role, (_, token_id) in specials.items()}
+    state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    dtype = str(model.embed.weight.dtype).removeprefix("torch.")
+    with staged_directory(Path(out_dir), force) as tmp:
+        save_weights(to_hf(state, config), tmp, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+        _write_json(tmp / "config.json", {**config_to_hf(config, **ids), "dtype": dtype})
+        _write_json(
+            tmp / "generation_config.json",
+            # The sampling defaults of `kimbho generate`, so both sample alike out of the box.
+            {**ids, "do_sample": True, "temperature": 0.8, "top_p": 0.95},
+        )
+        tokenizer.save(tmp / "tokenizer.json")
+        _write_json(
+            tmp / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **{f"{role}_token": text for role, (text, _) in specials.items()},
+                "add_bos_token": False,
+                "add_eos_token": False,
+                # Kimbho never turns special-token text inside a string into special ids (user
+                # data cannot forge a document boundary); this makes AutoTokenizer do the same.
+                "split_special_tokens": True,
+                "clean_up_tokenization_spaces": False,  # decode returns exactly the text
+                "model_max_length": config.max_seq_len,
+            },
+        )
+    return Path(out_dir)
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, tuple[str, int]]:
+    """{"bos" | "eos" | "pad": (token text, id)} for the tokens the tokenizer has. Kimbho's own
+    tokenizers begin documents with end-of-text (as GPT-2 does), so it is also the BOS."""
+    found: dict[str, tuple[str, int]] = {}
+    bos = next((t for t in _BOS_NAMES if tokenizer.token_to_id(t) is not None), None)
+    if bos is not None:
+        found["bos"] = (bos, tokenizer.token_to_id(bos))  # type: ignore[assignment]
+    for role, token_id in (("eos", tokenizer.eot_id), ("pad", tokenizer.pad_id)):
+        if token_id is not None:
+            found[role] = (tokenizer.inner.id_to_token(token_id), token_id)
+    if "bos" not in found and "eos" in found:
+        found["bos"] = found["eos"]
+    return dict(sorted(found.items()))
+
+
+def save_weights(hf_state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
+    """`model.safetensors`, or shards of at most `max_shard_bytes` (a larger single tensor gets a
+    shard of its own) with the `model.safetensors.index.json` that maps each tensor to its shard."""
+    from safetensors.torch import save_file
+
+    names = sorted(hf_state, key=_natural_key)
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name in names:
+        size = hf_state[name].numel() * hf_state[name].element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += size
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file({n: hf_state[n].contiguous() for n in names}, str(out_dir / WEIGHTS), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: hf_state[n].contiguous() for n in shard}, str(out_dir / file), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in hf_state.values())
+    _write_json(out_dir / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def load_hf_directory(path: str | Path) -> tuple[KimbhoV1Model, Tokenizer]:
+    """`(model, tokenizer)` from a local Hugging Face directory of a Llama model: config.json,
+    safetensors weights (one file or shards with their index) and tokenizer.json. Weights are
+    loaded as fp32 whatever their stored dtype."""
+    path = Path(path)
+    values = _read_json(path / "config.json")
+    try:
+        config = config_from_hf(values)
+    except KimbhoError as e:
+        raise KimbhoError(f"{path}: {e}") from None
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise KimbhoError(
+            f"{path} has no tokenizer.json; Kimbho needs the Hugging Face tokenizers file (save one with "
+            f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
+        )
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    weights = read_weights(path)
+    try:
+        state = from_hf(weights, config)
+    except KimbhoError as e:
+        raise KimbhoError(f"{path}: {e}") from None
+    model = KimbhoV1Model(config)
+    model.load_state_dict({name: t.float() for name, t in state.items()})
+    return model, tokenizer
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory's safetensors weights, sharded or not."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if (path / WEIGHTS_INDEX).is_file():
+        weight_map = _read_json(path / WEIGHTS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise KimbhoError(f"{path / WEIGHTS_INDEX} has no weight_map")
+        files = sorted(set(weight_map.values()))
+    elif (path / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    elif any(path.glob("pytorch_model*.bin")):
+        raise KimbhoError(
+            f"{path} holds PyTorch pickle weights (pytorch_model.bin) only; Kimbho reads safetensors, which "
+            f"cannot run code: convert with AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)"
+        )
+    else:
+        raise KimbhoError(f"{path} has no {WEIGHTS} or {WEIGHTS_INDEX}: it holds no model weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(path / file)))
+        except FileNotFoundError:
+            raise KimbhoError(f"weight shard {path / file} named in {WEIGHTS_INDEX} is missing") from None
+        except (OSError, SafetensorError) as e:
+            raise KimbhoError(f"cannot read weights {path / file}: {e}") from None
+    return state
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort layer 2 before layer 10, so shards hold consecutive layers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise KimbhoError(f"{path} is missing or not valid JSON") from None
+    if not isinstance(value, dict):
+        raise KimbhoError(f"{path} does not hold a JSON object")
+    return value
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,105 @@
+"""What the training benchmarks share: the corpus, its prepared data, the Hugging Face peer and
+the validation set both sides are scored on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+import kimbho  # noqa: E402
+from kimbho.config import KimbhoConfig  # noqa: E402
+from kimbho.data import TokenStream, eval_windows  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+CACHE = REPO / "bench" / ".cache"
+# tinyshakespeare (Karpathy's char-rnn corpus, 1.1 MB); pass --data to use another text.
+DEFAULT_CORPUS = Path(os.environ.get("KIMBHO_BENCH_CORPUS", "/work/shared/data/tinyshakespeare.txt"))
+PRESET = "small"
+VOCAB = 8192  # the `small` preset's vocabulary
+BATCH, SEQ_LEN = 16, 256
+
+
+def prepared_data(corpus: Path, vocab_size: int = VOCAB) -> Path:
+    """`corpus` tokenized with a `vocab_size` BPE trained on it, prepared once and cached."""
+    if not corpus.is_file():
+        sys.exit(
+            f"corpus {corpus} not found; pass --data PATH (tinyshakespeare: "
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)"
+        )
+    # Keyed by content, not path or mtime: a touched or copied corpus reuses its prepared data.
+    key = hashlib.sha256(corpus.read_bytes()).hexdigest()[:10]
+    out = CACHE / f"{corpus.stem}-{vocab_size}-{key}"
+    if not (out / "meta.json").exists():
+        kimbho.prepare([corpus], out, vocab_size=vocab_size, force=True)
+    return out
+
+
+def model_config(vocab_size: int = VOCAB) -> KimbhoConfig:
+    return KimbhoConfig.from_preset(PRESET, vocab_size=vocab_size)
+
+
+def hf_model(cfg: KimbhoConfig) -> torch.nn.Module:
+    """`LlamaForCausalLM` with the same architecture and initialisation scale as `cfg`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kimbho.interop.hf import config_to_hf
+
+    return LlamaForCausalLM(LlamaConfig(**config_to_hf(cfg)))
+
+
+def hf_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy the way transformers computes it (fp32 logits)."""
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def validation_windows(data_dir: Path) -> tuple[list[torch.Tensor], float]:
+    """The whole validation split as windows of SEQ_LEN + 1 tokens, and its bytes per token."""
+    val = TokenStream(data_dir, "val")
+    return list(eval_windows(val.window, len(val), SEQ_LEN, None)), val.bytes_per_token
+
+
+@torch.no_grad()
+def bits_per_byte(
+    loss_sum: Any, model: torch.nn.Module, windows: list[torch.Tensor], bytes_per_token: float
+) -> float:
+    """Validation bits per byte of `model`, given `loss_sum(model, batch) -> summed nats`."""
+    model.eval()
+    total, count = 0.0, 0
+    full = [w for w in windows if len(w) == SEQ_LEN + 1]
+    rest = [w for w in windows if len(w) != SEQ_LEN + 1]
+    batches = [torch.stack(full[i : i + BATCH]) for i in range(0, len(full), BATCH)]
+    batches += [w[None] for w in rest]
+    for batch in batches:
+        total += loss_sum(model, batch)
+        count += batch.shape[0] * (batch.shape[1] - 1)
+    model.train()
+    return total / math.log(2) / (count * bytes_per_token)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,358 @@
+"""Time to quality: validation bits per byte reached within a wall-clock budget.
+
+Kimbho's default recipe (`TrainConfig()` as shipped: optimizer, learning rate, warm-up, schedule,
+batch) against Hugging Face `LlamaForCausalLM` with a standard recipe (AdamW as the HF Trainer
+sets it up by default: fused kernel, betas 0.9/0.999, no weight decay, gradient clipping at 1.0;
+cosine decay from lr 3e-4 without warm-up), on the same model (`small` preset), the same
+tokenizer and data, the same batch size and sequence length, the same validation set, in fp32
+(bf16 is emulated and ~60x slower on a CPU without AMX; see README). The clock counts training
+only: it stops while the validation set is scored (every `--eval-every` seconds), for both.
+
+Both recipes decay their learning rate over the whole budget: after 10 steps each measures its
+speed and sets its run length to what the rest of the budget holds.
+
+One leg per invocation, so each fits a ~10-minute CPU lock; a leg longer than `--chunk-minutes`
+stops there, saving its state, and the same command continues it:
+
+    flock /tmp/kimbho-cpu.lock python bench/time_to_quality.py --which kimbho --minutes 10
+    flock /tmp/kimbho-cpu.lock python bench/time_to_quality.py --which hf --minutes 20   # part 1
+    flock /tmp/kimbho-cpu.lock python bench/time_to_quality.py --which hf --minutes 20   # part 2
+    python bench/time_to_quality.py --report        # both curves, the comparison, the PNG
+
+`--set train.lr=3e-3` (repeatable) trains Kimbho with overridden defaults, under its own label:
+how the defaults were tuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _common import (
+    CACHE,
+    DEFAULT_CORPUS,
+    RESULTS,
+    SEQ_LEN,
+    bits_per_byte,
+    hf_loss,
+    hf_model,
+    load_results,
+    model_config,
+    prepared_data,
+    save_results,
+    validation_windows,
+)
+
+from kimbho.config import RunConfig, TrainConfig, parse_override
+from kimbho.data import RandomWindowSampler, TokenStream, dataset_fingerprint, load_meta
+from kimbho.loss import linear_cross_entropy
+from kimbho.train import Trainer
+
+RESULTS_FILE = RESULTS / "time_to_quality.json"
+PNG = RESULTS / "time_to_quality.png"
+# The run length is set from the speed of steps 3..CALIBRATION_STEPS: the first two include
+# compilation and allocator warm-up (and the second sometimes a recompilation).
+CALIBRATION_STEPS = 10
+HF_LR = 3e-4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--which", choices=("kimbho", "hf"))
+    parser.add_argument("--minutes", type=float, default=None, help="training budget (kimbho 10, hf 20)")
+    parser.add_argument("--chunk-minutes", type=float, default=10.0, help="stop after this much, resumably")
+    parser.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evals")
+    parser.add_argument("--data", type=Path, default=DEFAULT_CORPUS, help="text corpus (tinyshakespeare)")
+    parser.add_argument("--set", action="append", default=[], help="kimbho: override a train.* default")
+    parser.add_argument("--restart", action="store_true", help="discard a saved partial leg")
+    parser.add_argument("--report", action="store_true", help="print the comparison and write the PNG")
+    args = parser.parse_args()
+    if args.report:
+        report(load_results(RESULTS_FILE))
+        return
+    if args.which is None:
+        parser.error("pass --which kimbho|hf, or --report")
+    if args.set and args.which != "kimbho":
+        parser.error("--set applies to kimbho's recipe only")
+    minutes = args.minutes or (10.0 if args.which == "kimbho" else 20.0)
+    label = args.which + "".join(f"[{item}]" for item in args.set)
+    torch.manual_seed(0)
+    data_dir = prepared_data(args.data)
+    leg = KimbhoLeg(data_dir, args.set) if args.which == "kimbho" else HFLeg(data_dir)
+    run_leg(leg, label, minutes * 60, args.chunk_minutes * 60, args.eval_every, data_dir, args.restart)
+
+
+class KimbhoLeg:
+    """Kimbho's trainer with its default recipe (plus `--set` overrides)."""
+
+    def __init__(self, data_dir: Path, overrides: list[str]) -> None:
+        values: dict[str, Any] = {"save_every": 0, "eval_every": 0, "sample_tokens": 0}
+        for item in overrides:
+            section, key, value = parse_override(item)
+            if section != "train":
+                raise SystemExit(f"--set takes train.* keys, got {item}")
+            values[key] = value
+        self._tmp = tempfile.TemporaryDirectory()
+        run = RunConfig(model_config(), TrainConfig(**values))
+        self.trainer = Trainer(run, data_dir, Path(self._tmp.name), progress_bar=False)
+        self.model = self.trainer.model
+        self.batch_size = self.trainer.cfg.batch_size
+        self.recipe = {k: getattr(self.trainer.cfg, k) for k in vars(TrainConfig())}
+        self.recipe["compiled"] = self.trainer.features != self.model.features
+
+    def set_total_steps(self, steps: int) -> None:
+        self.trainer.cfg.max_steps = steps  # the schedule (lr_at) reads it every step
+        self.recipe["max_steps"] = steps
+
+    def step(self, step: int) -> float:
+        return self.trainer.train_step(step)[0]
+
+    def loss_sum(self, model: torch.nn.Module, batch: torch.Tensor) -> float:
+        hidden = model.features(batch[:, :-1])
+        return linear_cross_entropy(hidden, model.head.weight, batch[:, 1:], reduction="sum").item()
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.trainer.optimizer.state_dict()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+
+
+class HFLeg:
+    """`LlamaForCausalLM` with the HF Trainer's default AdamW and a cosine schedule at lr 3e-4."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.batch_size = TrainConfig().batch_size  # the same batch as Kimbho's default recipe
+        self.model = hf_model(model_config())
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=HF_LR, weight_decay=0.0, fused=True)
+        self._make_schedule = lambda total: get_cosine_schedule_with_warmup(self.optimizer, 0, total)
+        self.schedule: Any = None
+        self.total_steps = 0
+        self.sampler = RandomWindowSampler(TokenStream(data_dir, "train"), SEQ_LEN, self.batch_size, seed=0)
+        self.recipe = {
+            "optimizer": "torch AdamW (fused), betas (0.9, 0.999), weight_decay 0",
+            "lr": HF_LR,
+            "schedule": "cosine to 0, no warm-up (transformers.get_cosine_schedule_with_warmup)",
+            "grad_clip": 1.0,
+            "batch_size": self.batch_size,
+            "seq_len": SEQ_LEN,
+        }
+
+    def set_total_steps(self, steps: int) -> None:
+        self.total_steps = self.recipe["max_steps"] = steps
+        self.schedule = self._make_schedule(steps)  # at its step 0; this is step CALIBRATION_STEPS
+        for _ in range(CALIBRATION_STEPS):
+            self.schedule.step()
+
+    def step(self, step: int) -> float:
+        inputs, targets = self.sampler.batch(step)
+        loss = hf_loss(self.model, inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.schedule is not None:
+            self.schedule.step()
+        return loss.item()
+
+    def loss_sum(self, model: torch.nn.Module, batch: torch.Tensor) -> float:
+        logits = model(input_ids=batch[:, :-1]).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
+
+
+def run_leg(
+    leg: KimbhoLeg | HFLeg,
+    label: str,
+    budget: float,
+    chunk: float,
+    eval_every: float,
+    data_dir: Path,
+    restart: bool,
+) -> None:
+    windows, bytes_per_token = validation_windows(data_dir)
+    state_file = CACHE / f"ttq-{label}.pt"
+    results = load_results(RESULTS_FILE)
+    progress: dict[str, Any] = {"step": 0, "train_sec": 0.0, "total_steps": 0, "curve": [], "losses": []}
+    settings = {
+        "budget": budget,
+        "batch_size": leg.batch_size,
+        "data": dataset_fingerprint(load_meta(data_dir)),
+    }
+    if state_file.exists() and not restart:
+        saved = torch.load(state_file, weights_only=True)
+        if saved["settings"] != settings:
+            raise SystemExit(
+                f"{state_file} holds a partial leg with other settings ({saved['settings']}); pass --restart"
+            )
+        progress = saved["progress"]
+        if progress["total_steps"]:
+            leg.set_total_steps(progress["total_steps"])
+        leg.load(saved["state"])
+        print(f"{label}: continuing at step {progress['step']}, {progress['train_sec'] / 60:.1f} min trained")
+    else:
+        progress["curve"].append([0.0, bits_per_byte(leg.loss_sum, leg.model, windows, bytes_per_token)])
+    chunk_end = min(budget, progress["train_sec"] + chunk)
+    next_eval = (math.floor(progress["train_sec"] / eval_every) + 1) * eval_every
+    while progress["train_sec"] < chunk_end and (
+        not progress["total_steps"] or progress["step"] < progress["total_steps"]
+    ):
+        start = time.perf_counter()
+        loss = leg.step(progress["step"])
+        progress["train_sec"] += time.perf_counter() - start
+        progress["step"] += 1
+        progress["losses"].append([progress["train_sec"], loss])
+        if progress["step"] == CALIBRATION_STEPS and not progress["total_steps"]:
+            times = [seconds for seconds, _ in progress["losses"]]
+            per_step = (times[-1] - times[1]) / (CALIBRATION_STEPS - 2)
+            progress["total_steps"] = CALIBRATION_STEPS + int((budget - progress["train_sec"]) / per_step)
+            leg.set_total_steps(progress["total_steps"])
+            print(
+                f"{label}: {per_step:.2f} s/step, {progress['total_steps']} steps fit {budget / 60:.0f} min"
+            )
+        finished = progress["step"] == progress["total_steps"] or progress["train_sec"] >= budget
+        if progress["train_sec"] >= next_eval or finished:
+            bpb = bits_per_byte(leg.loss_sum, leg.model, windows, bytes_per_token)
+            progress["curve"].append([progress["train_sec"], bpb])
+            next_eval += eval_every
+            print(
+                f"{label}: {progress['train_sec'] / 60:5.1f} min, step {progress['step']}, loss {loss:.3f}, val bpb {bpb:.4f}",
+                flush=True,
+            )
+    done = progress["step"] == progress["total_steps"] or progress["train_sec"] >= budget
+    results[label] = {
+        "budget_min": budget / 60,
+        "done": done,
+        "steps": progress["step"],
+        "tokens": progress["step"] * leg.batch_size * SEQ_LEN,
+        "curve": progress["curve"],
+        "train_losses": progress["losses"],
+        "recipe": {k: str(v) if not isinstance(v, (int, float, bool)) else v for k, v in leg.recipe.items()},
+    }
+    save_results(RESULTS_FILE, results)
+    if done:
+        state_file.unlink(missing_ok=True)
+        print(f"{label}: done, best val bpb {min(b for _, b in progress['curve']):.4f} -> {RESULTS_FILE}")
+    else:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        torch.save({"settings": settings, "progress": progress, "state": leg.state()}, state_file)
+        print(f"{label}: stopped at {progress['train_sec'] / 60:.1f} min; run the same command to continue")
+
+
+def best_so_far(curve: list[list[float]]) -> list[tuple[float, float]]:
+    best, out = math.inf, []
+    for seconds, bpb in curve:
+        best = min(best, bpb)
+        out.append((seconds, best))
+    return out
+
+
+def time_to_reach(curve: list[list[float]], target: float) -> float | None:
+    """Training seconds at which the validation curve first reaches `target` (interpolated)."""
+    for (t0, b0), (t1, b1) in zip(curve, curve[1:], strict=False):
+        if b1 <= target:
+            return t0 + (t1 - t0) * (b0 - target) / (b0 - b1) if b0 > target else t0
+    return None
+
+
+def bpb_at(curve: list[list[float]], seconds: float) -> float | None:
+    """Validation bpb after `seconds` of training, interpolated between evaluations; None past
+    the end of the curve (2% of slack: the last step may end just short of the budget)."""
+    for (t0, b0), (t1, b1) in zip(curve, curve[1:], strict=False):
+        if t0 <= seconds <= t1:
+            return b0 + (b1 - b0) * (seconds - t0) / (t1 - t0)
+    # A leg sized from its measured step time ends within a few seconds of its budget.
+    return curve[-1][1] if curve and seconds <= curve[-1][0] * 1.02 else None
+
+
+def report(results: dict[str, Any]) -> None:
+    if not results:
+        raise SystemExit(f"no results in {RESULTS_FILE}; run the legs first")
+    for label, r in results.items():
+        state = "" if r["done"] else "  (unfinished)"
+        print(f"\n{label}: {r['steps']} steps, {r['tokens']:,} tokens in {r['budget_min']:.0f} min{state}")
+        print("  " + ", ".join(f"{k}={v}" for k, v in r["recipe"].items()))
+        print("  train min   val bpb   best so far")
+        for (seconds, bpb), (_, best) in zip(r["curve"], best_so_far(r["curve"]), strict=True):
+            print(f"  {seconds / 60:9.1f}   {bpb:7.4f}   {best:7.4f}")
+    if "kimbho" in results and "hf" in results:
+        kimbho, hf = results["kimbho"], results["hf"]
+        hf_best = min(b for _, b in hf["curve"])
+        k_best = min(b for _, b in kimbho["curve"])
+        reach = time_to_reach(kimbho["curve"], hf_best)
+        hf_reach = time_to_reach(hf["curve"], hf_best)
+        print(
+            f"\nHugging Face + AdamW, {hf['budget_min']:.0f} min: best val bpb {hf_best:.4f} (at {hf_reach / 60:.1f} min)"
+        )
+        print(f"Kimbho default recipe, {kimbho['budget_min']:.0f} min: best val bpb {k_best:.4f}")
+        print("\n| training minutes | Kimbho, default recipe | HF + AdamW, cosine, lr 3e-4 |")
+        print("|---|---|---|")
+        for minutes in (2.5, 5, 10, 20):
+            cells = [bpb_at(r["curve"], minutes * 60) for r in (kimbho, hf)]
+            print(f"| {minutes:g} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+        if reach is not None:
+            print(f"Kimbho reaches HF's best in {reach / 60:.1f} min: {hf_reach / reach:.2f}x sooner")
+        else:
+            print("Kimbho does not reach HF's best within its budget")
+        hf_to_ours = time_to_reach(hf["curve"], k_best)
+        if hf_to_ours is not None:
+            k_time = time_to_reach(kimbho["curve"], k_best)
+            print(
+                f"HF reaches Kimbho's best ({k_best:.4f}) in {hf_to_ours / 60:.1f} min, Kimbho in "
+                f"{k_time / 60:.1f}: {hf_to_ours / k_time:.2f}x"
+            )
+    plot(results)
+
+
+def plot(results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    names = {"kimbho": "Kimbho, default recipe", "hf": f"HF LlamaForCausalLM + AdamW (cosine, lr {HF_LR:g})"}
+    for label, r in results.items():
+        if label not in names:
+            continue
+        minutes = [s / 60 for s, _ in r["curve"]]
+        ax.plot(minutes, [b for _, b in r["curve"]], marker="o", markersize=3, label=names[label])
+    ax.set_xlabel("training time (minutes, 2 CPU cores, fp32)")
+    ax.set_ylabel("validation bits per byte")
+    batch = results.get("kimbho", next(iter(results.values())))["recipe"]["batch_size"]
+    ax.set_title(f"small preset on tinyshakespeare, batch {batch} x {SEQ_LEN}")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 4.0))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    PNG.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PNG)
+    print(f"\nwrote {PNG}")
+
+
+if __name__ == "__main__":
+    main()
