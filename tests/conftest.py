@@ -3,11 +3,15 @@ need no network and nothing outside the repository."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -89,6 +93,31 @@ def run_subprocess(*args: str, **kwargs: object) -> subprocess.CompletedProcess[
         timeout=600,
         **kwargs,
     )
+
+
+@contextlib.contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """Serve an ASGI `app` with uvicorn on a free loopback port, in a thread; yields its base URL.
+    No fixed port, so tests never collide with each other or with anything else on the machine."""
+    import uvicorn
+
+    from kimbho.serve import listen
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
 
 
 # Text that trips up tokenizer conversions: special-token strings as plain text, combining marks,

@@ -161,7 +161,9 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """The text that `token_id` completes (possibly empty)."""
         if self._bytes is not None:
-            return self._utf8.decode(self._bytes[token_id])
+            # A model may have more ids than its tokenizer (vocabulary padded for speed); those
+            # ids stand for no text, as in `decode`.
+            return self._utf8.decode(self._bytes[token_id] if token_id < len(self._bytes) else b"")
         self._ids.append(token_id)
         text = self.tokenizer.decode(self._ids)
         if text.endswith("\ufffd") or not text.startswith(self._emitted):

@@ -1,0 +1,154 @@
+"""Chat formats: a conversation (a list of {"role", "content"} messages) -> prompt token ids.
+
+Two formats, picked by what the model carries:
+
+- **A Hugging Face `chat_template`** (from `tokenizer_config.json` or `chat_template.jinja` of an
+  imported model directory): the Jinja template the model was trained with. It is rendered in
+  Jinja's `ImmutableSandboxedEnvironment`, as transformers does, so a template cannot reach
+  Python internals (`__class__`, `__globals__`, ...) or mutate its inputs; special-token strings
+  in its output (`<|eot_id|>`) are encoded as the special tokens they name.
+- **The default role-token format** of Kimbho tokenizers, for base models trained here:
+  `<|system|>` / `<|user|>` / `<|assistant|>` + the encoded content + `<|endoftext|>` per message,
+  then `<|assistant|>` for the reply, which ends at end-of-text. The role markers are special
+  tokens that text can never produce, so a user message cannot forge another turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import KimbhoError
+from .tokenizer import _EOT_NAMES, EOT, Tokenizer
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatFormat:
+    """Turns messages into prompt ids for one model; `stop_token_ids` end the reply."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        vocab = tokenizer.inner.get_vocab(with_added_tokens=True)
+        # Every end-of-text spelling the tokenizer has: Llama 3 ends a turn with <|eot_id|> but
+        # its `eot_id` is <|end_of_text|>.
+        self.stop_token_ids = tuple(sorted({vocab[name] for name in _EOT_NAMES if name in vocab}))
+        if template is not None:
+            from jinja2 import TemplateError
+
+            env = _sandbox()
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            env.filters["tojson"] = _tojson
+            try:
+                self._compiled = env.from_string(template)
+            except TemplateError as e:
+                raise KimbhoError(f"the model's chat_template does not compile: {e}") from None
+            # Text -> ids with special-token strings recognised (Kimbho's own tokenizer refuses
+            # them in text, on purpose; the rendered template is trusted model configuration).
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._special_encoder = HFTokenizer.from_str(tokenizer.to_json())
+            self._special_encoder.encode_special_tokens = False
+        else:
+            missing = [f"<|{r}|>" for r in ROLES if tokenizer.token_to_id(f"<|{r}|>") is None]
+            if missing or tokenizer.eot_id is None:
+                raise KimbhoError(
+                    f"the tokenizer has no chat format: it lacks {', '.join(missing) or EOT} and the model "
+                    f"directory has no chat_template"
+                )
+            self._role_ids = {r: tokenizer.token_to_id(f"<|{r}|>") for r in ROLES}
+
+    @classmethod
+    def for_model(cls, tokenizer: Tokenizer, model_dir: str | os.PathLike[str] | None) -> ChatFormat | None:
+        """The model directory's chat template if it has one, else the default role-token format;
+        None when neither is available (the model can still complete text)."""
+        template = read_chat_template(Path(model_dir)) if model_dir is not None else None
+        try:
+            return cls(tokenizer, template)
+        except KimbhoError:
+            if template is not None:
+                raise
+            return None
+
+    def encode(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Prompt ids for `messages`, ending where the assistant's reply begins. A message the
+        format cannot take (or a template's `raise_exception`) is a KimbhoError."""
+        if not messages:
+            raise KimbhoError("messages must hold at least one message")
+        if self.template is None:
+            ids: list[int] = []
+            for m in messages:
+                if m["role"] not in self._role_ids:
+                    raise KimbhoError(f"role {m['role']!r} is not one of {', '.join(ROLES)}")
+                ids += [self._role_ids[m["role"]], *self.tokenizer.encode(m["content"])]
+                ids.append(self.tokenizer.eot_id)  # type: ignore[arg-type]
+            return [*ids, self._role_ids["assistant"]]
+        from jinja2 import TemplateError
+
+        special = {t.content: t.content for t in self.tokenizer.inner.get_added_tokens_decoder().values()}
+        try:
+            text = self._compiled.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=True,
+                bos_token=_first(special, ("<s>", "<|begin_of_text|>", "<bos>")),
+                eos_token=_first(special, _EOT_NAMES),
+            )
+        except TemplateError as e:  # SecurityError, UndefinedError and raise_exception among them
+            raise KimbhoError(f"the chat template refused the messages: {e}") from None
+        return self._special_encoder.encode(text, add_special_tokens=False).ids
+
+
+def read_chat_template(model_dir: Path) -> str | None:
+    """A Hugging Face directory's chat template: `chat_template.jinja`, else the `chat_template`
+    of `tokenizer_config.json` (a string, or a list of named templates of which "default" is used)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = model_dir / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text()).get("chat_template")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise KimbhoError(f"{config} is not a valid JSON object") from None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise KimbhoError(f"{config}: chat_template must be a string or a list of named templates")
+    return template
+
+
+def _sandbox() -> Any:
+    """Jinja's immutable sandbox, made strict: reaching for an unsafe attribute (`__class__`,
+    `__globals__`, ...) fails the render instead of quietly printing nothing, so a hostile
+    template is refused rather than half-rendered."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class StrictSandbox(ImmutableSandboxedEnvironment):
+        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+            raise SecurityError(
+                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+            )
+
+    return StrictSandbox(trim_blocks=True, lstrip_blocks=True)
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=False)
+
+
+def _first(present: dict[str, str], names: Sequence[str]) -> str:
+    return next((present[n] for n in names if n in present), "")

@@ -1,0 +1,530 @@
+"""The FastAPI application: OpenAI's routes over the generation worker.
+
+    GET  /v1/models            the served model
+    POST /v1/completions       text (or token ids) in, continuations out
+    POST /v1/chat/completions  messages in, the assistant's reply out
+    GET  /health               liveness, never behind the API key
+    GET  /                     the playground page
+
+Every request is checked before any generation starts; a bad one gets a 4xx with OpenAI's error
+object naming the field (`{"error": {"message", "type", "param", "code"}}`), never a 5xx. With an
+API key, every route but /health needs `Authorization: Bearer KEY`: the check is middleware in
+front of the whole application, so no route (including /docs, /openapi.json and unknown paths)
+can be added without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..chat import ChatFormat
+from ..engine import Engine, TokenEvent
+from ..engine import Request as EngineRequest
+from ..errors import KimbhoError
+from ..model import KimbhoV1Model
+from ..sampling import SamplingParams
+from ..tokenizer import Tokenizer
+from .guard import Guard
+from .protocol import (
+    DEFAULT_MAX_TOKENS,
+    GREEDY_BELOW,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _Sampling,
+    describe_validation_error,
+    error_body,
+)
+from .worker import Job, QueueFull, Worker
+
+log = logging.getLogger("kimbho")
+
+
+@dataclass
+class ServerOptions:
+    """How the server runs. `slots`: sequences decoded together; `max_queue`: requests that may
+    wait for a slot before new ones get 429; `timeout`: seconds a request may take, waiting
+    included; `max_body_bytes`: larger request bodies get 413; `max_len`: tokens per slot (prompt
+    + output; default the model's context)."""
+
+    model_name: str = "kimbho"
+    api_key: str | None = None
+    slots: int = 8
+    max_queue: int = 64
+    timeout: float = 600.0
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0:
+            raise KimbhoError(f"max_queue must be >= 0, got {self.max_queue}")
+        if not self.timeout > 0:
+            raise KimbhoError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.max_body_bytes < 1:
+            raise KimbhoError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+
+
+class APIError(Exception):
+    """A request the server refuses: becomes OpenAI's error object with `status`."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error"
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type
+
+
+def create_app(
+    model: KimbhoV1Model,
+    tokenizer: Tokenizer,
+    options: ServerOptions | None = None,
+    chat_format: ChatFormat | None = None,
+) -> FastAPI:
+    """The server for one model. The generation worker starts and stops with the application
+    (its lifespan); `app.state.worker` exposes it (and its `stats`)."""
+    options = options or ServerOptions()
+    engine = Engine(model, tokenizer, slots=options.slots, max_len=options.max_len)
+    worker = Worker(engine, options.max_queue)
+    service = _Service(worker, tokenizer, chat_format, options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(
+        title="Kimbho",
+        summary="OpenAI-compatible completions and chat over a Kimbho model",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.worker, app.state.options, app.state.chat = worker, options, chat_format
+
+    def openapi() -> dict[str, Any]:
+        """The generated schema, with `model` narrowed to the one model served here."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                field = schema["components"]["schemas"][name]["properties"]["model"]
+                field["anyOf"] = [{"type": "string", "enum": [options.model_name]}, {"type": "null"}]
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message, param = describe_validation_error(exc.errors())
+        return JSONResponse(error_body(message, param), status_code=status)
+
+    @app.exception_handler(APIError)
+    async def refused(request: Request, exc: APIError) -> JSONResponse:
+        code = "rate_limit_exceeded" if exc.status == 429 else None
+        return JSONResponse(error_body(exc.message, exc.param, exc.type, code), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), None, kind), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:  # never a user's mistake: logged
+        log.error("request failed", exc_info=exc)
+        return JSONResponse(error_body(f"internal error: {exc}", None, "server_error"), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [service.model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model_card(model_id: str) -> dict[str, Any]:
+        service.check_model(model_id)
+        return service.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await service.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await service.chat(body, request)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(resources.files(__package__).joinpath("playground.html").read_text())
+
+    return app
+
+
+class _Service:
+    """Turns validated requests into engine requests and engine events into OpenAI responses."""
+
+    def __init__(
+        self, worker: Worker, tokenizer: Tokenizer, chat_format: ChatFormat | None, options: ServerOptions
+    ) -> None:
+        self.worker, self.tokenizer, self.chat_format, self.options = worker, tokenizer, chat_format, options
+        self.engine: Engine = worker.engine
+        self.vocab = self.engine.model.config.vocab_size
+        self.created = int(time.time())
+        self.token_bytes = tokenizer.token_bytes
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.options.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "kimbho",
+            "max_model_len": self.engine.max_len,
+        }
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.options.model_name:
+            raise APIError(
+                404,
+                f"model {name!r} is not served here; this server serves {self.options.model_name!r}",
+                "model",
+            )
+
+    # Completions.
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        self.check_model(body.model)
+        prompts = self._prompt_ids(body.prompt)
+        max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
+        requests = [self._engine_request(body, ids, max_tokens, body.logprobs) for ids in prompts]
+        job = self._submit(requests)
+        kind = {"object": "text_completion", "id": f"cmpl-{uuid.uuid4().hex}"}
+        echo = [self.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
+        n = body.n
+
+        def choice(i: int, text: str, events: list[TokenEvent], finish: str | None) -> dict[str, Any]:
+            logprobs = self._completion_logprobs(events) if body.logprobs is not None else None
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+        if body.stream:
+            return self._sse(
+                job,
+                body,
+                requests,
+                kind,
+                lambda p, e, first: choice(
+                    p * n + e.index, (echo[p] if first else "") + e.text, [e], e.finish_reason
+                ),
+            )
+        outputs = await self._collect(job, requests, request)
+        choices = [
+            choice(p * n + i, echo[p] + "".join(e.text for e in events), events, _finish(events))
+            for p, samples in enumerate(outputs)
+            for i, events in enumerate(samples)
+        ]
+        return self._response(kind, choices, requests, outputs)
+
+    # Chat.
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
+        self.check_model(body.model)
+        if self.chat_format is None:
+            raise APIError(
+                400,
+                "this model has no chat format (no role tokens, no chat_template): use /v1/completions",
+                "messages",
+            )
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+        try:
+            ids = self.chat_format.encode(messages)
+        except KimbhoError as e:
+            raise APIError(400, str(e), "messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:  # as OpenAI: the reply may fill what the context leaves
+            max_tokens = max(self.engine.max_len - len(ids), 1)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        request_ = self._engine_request(body, ids, max_tokens, logprobs, self.chat_format.stop_token_ids)
+        job = self._submit([request_])
+        kind = {"object": "chat.completion", "id": f"chatcmpl-{uuid.uuid4().hex}"}
+
+        if body.stream:
+            kind["object"] = "chat.completion.chunk"
+
+            def chunk(p: int, e: TokenEvent, first: bool) -> dict[str, Any]:
+                delta: dict[str, Any] = (
+                    {"role": "assistant", "content": e.text} if first else {"content": e.text}
+                )
+                logprobs = {"content": self._chat_logprobs([e])} if body.logprobs else None
+                return {
+                    "index": e.index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": e.finish_reason,
+                }
+
+            return self._sse(job, body, [request_], kind, chunk)
+        outputs = await self._collect(job, [request_], request)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(e.text for e in events)},
+                "logprobs": {"content": self._chat_logprobs(events)} if body.logprobs else None,
+                "finish_reason": _finish(events),
+            }
+            for i, events in enumerate(outputs[0])
+        ]
+        return self._response(kind, choices, [request_], outputs)
+
+    # Requests.
+
+    def _prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """The prompt(s) as token id lists, refusing empty prompts and ids outside the vocabulary."""
+        prompts: list[Any] = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if not p:
+                    raise APIError(400, "prompt is empty; give at least one character or token", "prompt")
+                p = self.tokenizer.encode(p)
+            bad = next((t for t in p if not 0 <= t < self.vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400,
+                    f"token id {bad} is outside the model's vocabulary of {self.vocab} (0..{self.vocab - 1})",
+                    "prompt",
+                )
+            out.append(p)
+        return out
+
+    def _engine_request(
+        self,
+        body: _Sampling,
+        ids: list[int],
+        max_tokens: int,
+        logprobs: int | None,
+        stop_ids: tuple[int, ...] | None = None,
+    ) -> EngineRequest:
+        if len(ids) + max_tokens > self.engine.max_len:
+            raise APIError(
+                400,
+                f"prompt of {len(ids)} tokens + max_tokens of {max_tokens} exceeds the context of "
+                f"{self.engine.max_len} tokens; lower max_tokens to at most {max(self.engine.max_len - len(ids), 0)} "
+                f"or shorten the prompt",
+                "max_tokens",
+            )
+        if body.n > self.engine.slots:
+            raise APIError(400, f"n={body.n} is more than this server's {self.engine.slots} slots", "n")
+        if any(not s for s in body.stops()):
+            raise APIError(400, "stop strings must not be empty", "stop")
+        eot = self.tokenizer.eot_id
+        params = SamplingParams(
+            temperature=body.temperature if body.temperature >= GREEDY_BELOW else 0.0,
+            top_k=body.top_k or None,
+            top_p=body.top_p,
+            min_p=body.min_p or None,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+        )
+        return EngineRequest(
+            ids,
+            max_tokens,
+            params,
+            body.seed,
+            stop_ids if stop_ids is not None else ((eot,) if eot is not None else ()),
+            body.stops(),
+            body.n,
+            logprobs,
+        )
+
+    def _submit(self, requests: list[EngineRequest]) -> Job:
+        try:
+            return self.worker.submit(requests)
+        except QueueFull as e:
+            raise APIError(429, f"{e}; retry shortly", None, "rate_limit_error") from None
+        except KimbhoError as e:  # checked above already; kept as a 400 should a check be missed
+            raise APIError(400, str(e)) from None
+
+    # Responses.
+
+    async def _events(self, job: Job, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(prompt index, event) pairs of `job` until every sequence has finished; cancels the
+        job if the consumer stops early (a disconnect) or the deadline passes."""
+        remaining = sum(r.n for r in requests)
+        deadline = time.monotonic() + self.options.timeout
+        try:
+            while remaining:
+                try:
+                    item = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0))
+                except asyncio.TimeoutError:
+                    raise APIError(
+                        408,
+                        f"the request took longer than the server's timeout of {self.options.timeout:g} s",
+                        None,
+                        "timeout",
+                    ) from None
+                if isinstance(item, BaseException):
+                    raise item
+                for pair in item:
+                    remaining -= pair[1].finish_reason is not None
+                    yield pair
+        finally:
+            if remaining:
+                self.worker.cancel(job)
+
+    async def _collect(
+        self, job: Job, requests: list[EngineRequest], request: Request
+    ) -> list[list[list[TokenEvent]]]:
+        """Every event, per prompt and sample. A client that hangs up stops the generation."""
+        outputs: list[list[list[TokenEvent]]] = [[[] for _ in range(r.n)] for r in requests]
+        checked = time.monotonic()
+        events = self._events(job, requests)
+        try:
+            async for p, event in events:
+                outputs[p][event.index].append(event)
+                if time.monotonic() - checked > 0.5:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        break
+        finally:
+            await events.aclose()
+        return outputs
+
+    def _sse(
+        self,
+        job: Job,
+        body: _Sampling,
+        requests: list[EngineRequest],
+        kind: dict[str, str],
+        choice: Callable[[int, TokenEvent, bool], dict[str, Any]],
+    ) -> StreamingResponse:
+        """Server-sent events: one chunk per token, then (if asked) usage, then `data: [DONE]`.
+        Starlette cancels this generator when the client disconnects, which cancels the job."""
+        created = int(time.time())
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def event(payload: dict[str, Any]) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        async def stream() -> AsyncIterator[str]:
+            started: set[tuple[int, int]] = set()
+            generated = 0
+            events = self._events(job, requests)
+            try:
+                async for p, e in events:
+                    generated += 1
+                    first = (p, e.index) not in started
+                    started.add((p, e.index))
+                    yield event(
+                        {
+                            **kind,
+                            "created": created,
+                            "model": self.options.model_name,
+                            "choices": [choice(p, e, first)],
+                        }
+                    )
+            except APIError as e:  # the timeout: headers are sent, so the error goes in the stream
+                yield event(error_body(e.message, e.param, e.type))
+            except Exception as e:  # a failure of the worker (a bug): reported in the stream too
+                yield event(error_body(f"generation failed: {e}", None, "server_error"))
+            finally:
+                await events.aclose()
+            if include_usage:
+                usage = self._usage(requests, generated)
+                yield event(
+                    {
+                        **kind,
+                        "created": created,
+                        "model": self.options.model_name,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    def _response(
+        self,
+        kind: dict[str, str],
+        choices: list[dict[str, Any]],
+        requests: list[EngineRequest],
+        outputs: list[list[list[TokenEvent]]],
+    ) -> dict[str, Any]:
+        generated = sum(len(events) for samples in outputs for events in samples)
+        return {
+            **kind,
+            "created": int(time.time()),
+            "model": self.options.model_name,
+            "choices": choices,
+            "usage": self._usage(requests, generated),
+        }
+
+    @staticmethod
+    def _usage(requests: list[EngineRequest], generated: int) -> dict[str, int]:
+        prompt = sum(len(r.prompt) for r in requests)
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+    def _token_text(self, token: int) -> tuple[str, list[int]]:
+        if self.token_bytes is not None:
+            raw = self.token_bytes[token] if token < len(self.token_bytes) else b""
+        else:
+            raw = self.tokenizer.decode([token]).encode()
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def _completion_logprobs(self, events: list[TokenEvent]) -> dict[str, Any]:
+        """The legacy completions format: parallel lists per token."""
+        tokens, offsets, offset = [], [], 0
+        for e in events:
+            tokens.append(self._token_text(e.token)[0])
+            offsets.append(offset)
+            offset += len(e.text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [{self._token_text(t)[0]: lp for t, lp in e.top_logprobs or []} for e in events],
+            "text_offset": offsets,
+        }
+
+    def _chat_logprobs(self, events: list[TokenEvent]) -> list[dict[str, Any]]:
+        def entry(token: int, logprob: float | None) -> dict[str, Any]:
+            text, raw = self._token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+
+        return [
+            {**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs or []]}
+            for e in events
+        ]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _finish(events: list[TokenEvent]) -> str | None:
+    """A sequence's finish reason (None only when its client hung up before the end)."""
+    return events[-1].finish_reason if events else None

@@ -1,0 +1,135 @@
+"""The OpenAI request shapes, as pydantic models: FastAPI validates every request against them
+and publishes them in the OpenAPI schema (which the tests fuzz). Limits that depend on the model
+(context, vocabulary, slots) are checked in `app.py`, where the model is known.
+
+Fields follow OpenAI's names and meanings; `top_k`, `min_p` and `repetition_penalty` are the
+usual extensions of open servers (vLLM, llama.cpp). Unknown fields are ignored, as OpenAI's
+clients send fields a small server has no use for (`user`, `service_tier`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+MAX_PROMPTS = 128  # prompts in one completions request
+MAX_STOPS = 16
+MAX_LOGPROBS = 20
+# Below this a temperature is greedy, as in vLLM: logits divided by a denormal temperature overflow.
+GREEDY_BELOW = 1e-5
+DEFAULT_MAX_TOKENS = 16  # OpenAI's, for completions (null means it too)
+
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """The fields both endpoints share."""
+
+    # NaN and infinity (which Python's JSON parser accepts) are refused rather than poisoning logits.
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+
+    model: str | None = Field(None, description="the served model's id (see /v1/models); optional")
+    max_tokens: int | None = Field(
+        None, ge=1, description="new tokens at most; prompt + max_tokens must fit the context"
+    )
+    temperature: float = Field(1.0, ge=0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 is off")
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    # Bounded away from 0: dividing logits by a denormal penalty gives infinities (found by the fuzzer).
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="CTRL's; 1 is off")
+    stop: Stop = Field(None, description="up to 16 strings that end the text (not included)")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="same seed, same text")
+    n: int = Field(1, ge=1, description="choices per prompt")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions"""
+
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description="a string, a list of strings, a list of token ids, or a list of those")
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, description="new tokens at most (default 16)")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="log-probs of the k likeliest tokens"
+    )
+    echo: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[ContentPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions"""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name of max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+def error_body(
+    message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None
+) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def describe_validation_error(errors: Any) -> tuple[int, str, str | None]:
+    """Status, one line and the field for FastAPI's validation errors (the first one)."""
+    if not errors:
+        return 400, "invalid request", None
+    e = errors[0]
+    loc = [x for x in e.get("loc", ()) if x != "body"]
+    kind = e.get("type")
+    if kind == "json_invalid":
+        return (
+            400,
+            f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})",
+            None,
+        )
+    if not loc and isinstance(e.get("input"), bytes):  # a body sent without Content-Type: application/json
+        return 415, "send the request body as JSON, with the header Content-Type: application/json", None
+    if not loc:
+        return 400, "the request body must be a JSON object", None
+    param = str(loc[0])
+    if param in _SHAPES and len(loc) > 1:  # every member of the union failed: name the shapes it takes
+        return 400, f"{param}: {_SHAPES.get(param, 'has the wrong type')}", param
+    where = ".".join(str(x) for x in loc)
+    return 400, f"{where}: {e.get('msg', 'invalid value')}", param
+
+
+_SHAPES = {
+    "prompt": "must be a non-empty string, list of strings, list of token ids (integers >= 0) or list of those",
+    "stop": "must be a string or a list of up to 16 strings",
+}
