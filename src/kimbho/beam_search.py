@@ -75,7 +75,9 @@ def beam_search(
             or _done(finished, running, num_beams, length_penalty, early_stopping)
         ):
             break
-        engine.copy_slots(parents, range(len(parents)))
+        moved = [(parent, slot) for slot, parent in enumerate(parents) if parent != slot]
+        if moved:  # beams that stay in their slot keep their cache as it is
+            engine.copy_slots(*map(list, zip(*moved, strict=True)))
         logits = engine.decode(range(len(running)), [b.tokens[-1] for b in running])
     return max(finished + beams, key=lambda h: h.score(length_penalty))
 

@@ -250,13 +250,12 @@ def parallelize(model: nn.Module, loss: nn.Module, world: World, parallel: str) 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, loss: nn.Module, enabled: bool) -> Iterator[None]:
     """Within the block (forward and backward of one micro-step through `loss`, the module from
-    `parallelize`, compiled or not), whether backward synchronises gradients over processes: with
+    `parallelize`), whether backward synchronises gradients over processes: with
     gradient accumulation only the last micro-step needs to (DDP's `no_sync`, FSDP2's
     `set_requires_gradient_sync`); earlier ones accumulate locally."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
-    loss = getattr(loss, "_orig_mod", loss)  # under torch.compile's wrapper
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
         yield

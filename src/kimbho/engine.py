@@ -6,7 +6,7 @@ advances every active slot by one token with one batched forward pass and picks 
 of each; a sequence that finishes frees its slot for the next request. That is
 continuous batching, and every way Kimbho generates goes through it: `generate`,
 `generate_batch`, `stream`, the CLI and beam search (which uses the lower-level `prefill`,
-`decode` and `copy_slot`).
+`decode` and `copy_slots`).
 
     engine = Engine(model, tokenizer, slots=8)
     for event in engine.run([Request(ids_a, 64), Request(ids_b, 32, SamplingParams(0.8), seed=1)]):
@@ -194,8 +194,8 @@ class Engine:
             self.logits[first : first + len(group)] = self.prefill(first, [r.prompt for r, _ in group])
         ids = []
         for request, slots in placed:
-            for slot in slots[1:]:
-                self.copy_slot(slots[0], slot)  # n samples share the prefill
+            if len(slots) > 1:  # n samples share the prefill
+                self.copy_slots([slots[0]] * (len(slots) - 1), slots[1:])
             if request.params.penalized:
                 self._start_penalties(slots, request.prompt)
             ids.append(self._next_id)
@@ -273,7 +273,7 @@ class Engine:
                 self.add_batch(admitted)
             yield from self.step()
 
-    # The slot level, shared with beam search: prefill, decode, copy_slot.
+    # The slot level, shared with beam search: prefill, decode, copy_slots.
 
     @torch.inference_mode()
     def prefill(self, first_slot: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -314,10 +314,6 @@ class Engine:
         for slot in slots:
             self.lengths[slot] += 1
         return logits[list(slots)].float()  # a copy: a CUDA graph reuses its output buffer
-
-    def copy_slot(self, src: int, dst: int) -> None:
-        """Slot `dst` becomes a copy of slot `src`: cache, length and next-token logits."""
-        self.copy_slots([src], [dst])
 
     @torch.inference_mode()
     def copy_slots(self, src: Sequence[int], dst: Sequence[int]) -> None:
@@ -412,10 +408,10 @@ class Engine:
             self._seen = torch.zeros(self.slots, vocab, dtype=torch.bool, device=self.device)
             self._counts = torch.zeros(self.slots, vocab, device=self.device)
         assert self._counts is not None
-        for slot in slots:
-            self._seen[slot] = False
-            self._seen[slot, torch.tensor(list(prompt), device=self.device)] = True
-            self._counts[slot] = 0
+        rows = torch.tensor(slots, device=self.device)
+        self._seen[rows] = False
+        self._seen[rows[:, None], torch.tensor(list(prompt), device=self.device)] = True
+        self._counts[rows] = 0
 
     def _generator(self, request: Request, index: int) -> torch.Generator | None:
         if request.params.greedy:

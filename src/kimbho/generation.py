@@ -140,7 +140,7 @@ def stream(
         new = row[len(ids) :]
         return iter([tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eot_id else new)])
     max_len = min(len(ids) + max_new_tokens, model.config.max_seq_len)
-    engine = Engine(model, tokenizer, slots=1, max_len=max(max_len, 1))
+    engine = Engine(model, tokenizer, slots=1, max_len=max_len)
     engine.check_fits(len(ids), max_new_tokens)  # here, not at the first piece
     return (event.text for event in engine.run([request]) if event.text)
 

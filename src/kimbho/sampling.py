@@ -14,6 +14,9 @@ import torch
 
 from .errors import KimbhoError
 
+# Below this a temperature is greedy, as in vLLM: logits divided by a denormal temperature overflow.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -48,7 +51,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def penalized(self) -> bool:

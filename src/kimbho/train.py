@@ -209,8 +209,12 @@ class Trainer:
         """`model.features`, compiled when `train.compile` asks for it. Only the model's body is
         compiled: the fused loss computes its own gradients, and `self.model` stays the bare
         module, so checkpoints hold its plain key names."""
-        wanted = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self._compile_pays())
-        wanted = self.world.broadcast(wanted)  # the payoff is timed: let rank 0 decide for all
+        # The payoff is timed: rank 0 alone measures it and decides for all processes.
+        wanted = self.world.broadcast(
+            self.cfg.compile == "true" or (self.cfg.compile == "auto" and self._compile_pays())
+            if self.world.is_main
+            else None
+        )
         return torch.compile(model.features) if wanted else model.features
 
     def _compile_pays(self) -> bool:
@@ -473,13 +477,14 @@ class Trainer:
                             "grad_norm": _finite_or_none(grad_norm),
                             "tokens_seen": self.progress.tokens_seen,
                             "tokens_per_sec": tokens_per_sec,
-                            "mfu": self.mfu(tokens_per_sec),
+                            # Only rank 0 writes records: the others skip timing the peak.
+                            "mfu": self.mfu(tokens_per_sec) if self.world.is_main else None,
                             "elapsed_sec": self.progress.elapsed_sec,
                             "skipped_steps": self.progress.skipped_steps,
                         }
                         self.metrics.write("train", done, **record)
                         last["train"] = record
-                        if record["loss"] is not None:
+                        if record["loss"] is not None and self.world.is_main:
                             bar.set_postfix(
                                 loss=f"{record['loss']:.3f}",
                                 tok_s=f"{tokens_per_sec:.0f}",

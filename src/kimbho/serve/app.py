@@ -41,7 +41,6 @@ from ..tokenizer import Tokenizer
 from .guard import Guard
 from .protocol import (
     DEFAULT_MAX_TOKENS,
-    GREEDY_BELOW,
     ChatCompletionRequest,
     CompletionRequest,
     _Sampling,
@@ -338,7 +337,7 @@ class _Service:
             raise APIError(400, "stop strings must not be empty", "stop")
         eot = self.tokenizer.eot_id
         params = SamplingParams(
-            temperature=body.temperature if body.temperature >= GREEDY_BELOW else 0.0,
+            temperature=body.temperature,
             top_k=body.top_k or None,
             top_p=body.top_p,
             min_p=body.min_p or None,

@@ -16,8 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 MAX_PROMPTS = 128  # prompts in one completions request
 MAX_STOPS = 16
 MAX_LOGPROBS = 20
-# Below this a temperature is greedy, as in vLLM: logits divided by a denormal temperature overflow.
-GREEDY_BELOW = 1e-5
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, for completions (null means it too)
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]

@@ -39,7 +39,6 @@ class Stats:
     jobs: int = 0
     cancelled: int = 0
     max_batch: int = 0  # most sequences advanced by one step
-    active: int = 0  # sequences in slots now
     waiting: int = 0  # jobs in the queue now
 
 
@@ -172,11 +171,9 @@ class Worker:
             del self._jobs[engine_id]  # every sample of this prompt has finished
         for job, job_events in by_job.items():
             job._deliver(job_events)
-        self.stats.active = self.engine.slots - self.engine.free_slots
 
     def _drop(self, job: Job) -> None:
         for engine_id in job.engine_ids:
             if self._jobs.pop(engine_id, None) is not None:
                 self.engine.cancel(engine_id)
         self.stats.cancelled += 1
-        self.stats.active = self.engine.slots - self.engine.free_slots
