@@ -161,7 +161,7 @@ def main() -> None:
     def prompts_of(batch: int, length: int) -> torch.Tensor:
         return torch.randint(5, cfg.vocab_size, (batch, length), device=device)
 
-    hf_step = kimbho_b1 = 0.0
+    hf_step = kimbho_b1 = compiled_b1 = 0.0
     for batch in args.batch:
         prompts, total = prompts_of(batch, args.prompt_tokens), batch * args.new_tokens
         theirs = measure(hf_run(hf, prompts, args.new_tokens), device, args.repeats)
@@ -177,6 +177,10 @@ def main() -> None:
             print(f"  compiling the decode step for batch {batch}: {time.perf_counter() - started:.0f} s")
             compiled = measure(kimbho_run(model, prompts, args.new_tokens, True), device, args.repeats)
             row(f"fp32, batch {batch}, Kimbho compiled", compiled, theirs, total)
+            if batch == 1:
+                compiled_b1 = total / compiled.seconds
+            elif compiled_b1:
+                print(f"  compiled: batch {batch} / batch 1, tokens/s: {total / compiled.seconds / compiled_b1:.2f}x")
 
     prompt = prompts_of(1, args.ttft_prompt)
     ours = measure(kimbho_run(model, prompt, 1, False), device, args.repeats)

@@ -157,6 +157,22 @@ def test_generate_flags(trained_run: Path, capsys, monkeypatch) -> None:
     assert "exceeds the model's context" in err
 
 
+@pytest.mark.slow
+def test_compiled_generation_gives_the_same_text(trained_run: Path, capsys, monkeypatch) -> None:
+    """`--compile` (one graph for the whole context, reused by every prompt of a session)
+    prints what the eager engine prints."""
+    import io
+
+    prompts = "The first\nThe second one\n"
+    common = ["generate", trained_run, "--max-new-tokens", 12, "--temperature", 0]
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompts))
+    assert run_cli(*common) == 0
+    eager = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompts))
+    assert run_cli(*common, "--compile") == 0
+    assert capsys.readouterr().out == eager and eager.count("The ") == 2
+
+
 def test_console_script_and_module_agree() -> None:
     r = run_subprocess("--version")
     assert r.returncode == 0 and r.stdout.startswith("kimbho ")

@@ -74,10 +74,12 @@ def generate_batch(
     frequency_penalty: float = 0.0,
     length_penalty: float = 1.0,
     early_stopping: bool = False,
+    compile: bool | None = None,
 ) -> list[list[int]]:
     """Continue prompts of different lengths together; returns one list per prompt: the prompt,
     then its continuation (ending with `eos_token_id` if it produced it). Each list equals what
-    its prompt gives alone. `length_penalty` and `early_stopping` apply to beam search."""
+    its prompt gives alone. `length_penalty` and `early_stopping` apply to beam search.
+    `compile` is the engine's (see `Engine`)."""
     params = SamplingParams(
         temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
     )
@@ -87,10 +89,9 @@ def generate_batch(
     requests = [Request(p, max_new_tokens, params, seed, stop) for p in prompts]
     if not requests:
         return []
-    context = model.config.max_seq_len
-    max_len = min(max(len(r.prompt) for r in requests) + max_new_tokens, context)
+    max_len = _slot_length(model, max(len(r.prompt) for r in requests) + max_new_tokens, compile)
     if num_beams > 1:
-        engine = Engine(model, slots=num_beams, max_len=max_len)
+        engine = Engine(model, slots=num_beams, max_len=max_len, compile=compile)
         best = [
             beam_search(
                 engine, r.prompt, num_beams, max_new_tokens, eos_token_id, length_penalty, early_stopping
@@ -98,7 +99,7 @@ def generate_batch(
             for r in requests
         ]
         return [[*r.prompt, *b.tokens] for r, b in zip(requests, best, strict=True)]
-    engine = Engine(model, slots=min(len(requests), MAX_SLOTS), max_len=max_len)
+    engine = Engine(model, slots=min(len(requests), MAX_SLOTS), max_len=max_len, compile=compile)
     outputs = [list(r.prompt) for r in requests]
     for event in engine.run(requests):
         outputs[event.request_id].append(event.token)  # ids count up in the order of the requests
@@ -120,11 +121,12 @@ def stream(
     stop: Sequence[str] = (),
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    compile: bool | None = None,
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, each whole characters (valid UTF-8):
     joined, they equal the decoded output of `generate`. Stops at end-of-text or at a `stop`
     string (not included). Beam search has no meaningful partial output: its text comes in one
-    piece at the end."""
+    piece at the end. `compile` is the engine's (see `Engine`)."""
     ids = encode_prompt(tokenizer, prompt)[0].tolist()
     eot = (tokenizer.eot_id,) if tokenizer.eot_id is not None else ()
     params = SamplingParams(
@@ -135,14 +137,21 @@ def stream(
         if stop:
             raise KimbhoError("stop strings are not supported with beam search")
         [row] = generate_batch(
-            model, [ids], max_new_tokens, num_beams=num_beams, eos_token_id=tokenizer.eot_id
+            model, [ids], max_new_tokens, num_beams=num_beams, eos_token_id=tokenizer.eot_id, compile=compile
         )
         new = row[len(ids) :]
         return iter([tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eot_id else new)])
-    max_len = min(len(ids) + max_new_tokens, model.config.max_seq_len)
-    engine = Engine(model, tokenizer, slots=1, max_len=max_len)
+    max_len = _slot_length(model, len(ids) + max_new_tokens, compile)
+    engine = Engine(model, tokenizer, slots=1, max_len=max_len, compile=compile)
     engine.check_fits(len(ids), max_new_tokens)  # here, not at the first piece
     return (event.text for event in engine.run([request]) if event.text)
+
+
+def _slot_length(model: KimbhoV1Model, needed: int, compile: bool | None) -> int:
+    """The engine's slot length: what the longest sequence needs, or with compiling the whole
+    context, so that every call reuses the graphs compiled for that shape."""
+    context = model.config.max_seq_len
+    return context if compile else min(needed, context)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> torch.Tensor:
