@@ -180,7 +180,9 @@ def main() -> None:
             if batch == 1:
                 compiled_b1 = total / compiled.seconds
             elif compiled_b1:
-                print(f"  compiled: batch {batch} / batch 1, tokens/s: {total / compiled.seconds / compiled_b1:.2f}x")
+                print(
+                    f"  compiled: batch {batch} / batch 1, tokens/s: {total / compiled.seconds / compiled_b1:.2f}x"
+                )
 
     prompt = prompts_of(1, args.ttft_prompt)
     ours = measure(kimbho_run(model, prompt, 1, False), device, args.repeats)
