@@ -66,6 +66,18 @@ def test_each_row_draws_from_its_own_generator() -> None:
     assert alone == [batched[0].item()] * 3
 
 
+def test_draws_follow_the_distribution_and_never_pick_a_filtered_token() -> None:
+    """4000 draws from softmax over (0.1, 0, 0.2, 0.7) (token 1 filtered out): frequencies within
+    5 standard deviations of the probabilities."""
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.7])
+    scores = probs.log().expand(4000, 4)  # log(0) = -inf, as the filters leave it
+    gens = [torch.Generator().manual_seed(s) for s in range(4000)]
+    counts = torch.bincount(draw(scores, SamplingParams(temperature=1.0), gens), minlength=4)
+    assert counts[1] == 0
+    expected, spread = 4000 * probs, (4000 * probs * (1 - probs)).sqrt()
+    assert ((counts - expected).abs() <= 5 * spread).all(), counts
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

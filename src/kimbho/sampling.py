@@ -133,10 +133,19 @@ def draw(
     scores: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]
 ) -> torch.Tensor:
     """One token per row, (B,), from processed scores (B, vocab): the argmax when greedy, else a
-    draw from softmax(scores) with row i's own generator."""
+    draw from softmax(scores) with row i's own generator.
+
+    Inverse-transform sampling: each row's generator gives one uniform number, and one batched
+    search of the cumulative distributions finds the tokens. A `torch.multinomial` call per row
+    did the same at ~250 us a row for a vocabulary of 8192, 2 ms a step at batch 8 (measured)."""
     if params.greedy:
         return scores.argmax(dim=-1)
-    probs = scores.softmax(-1)
-    return torch.cat(
-        [torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, generators, strict=True)]
+    cdf = scores.double().softmax(-1).cumsum(-1)  # fp64: the total is 1 to ~1e-16
+    uniform = torch.stack(
+        [torch.rand((), generator=gen, dtype=torch.float64, device=scores.device) for gen in generators]
     )
+    # The first token whose cumulative probability exceeds u: never one of probability 0 (its
+    # cumulative equals the one before it), except past the end when u * total rounds up to the
+    # total (p ~ 1e-16), hence the clamp.
+    tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
+    return tokens.clamp_(max=scores.shape[-1] - 1)
