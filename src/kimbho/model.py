@@ -103,8 +103,11 @@ class KVCache:
         """Store k, v (B, n_kv, T, hd) of `layer` at `positions` (B, T), each row at its own
         positions; return that layer's keys and values of every position, (B, n_kv, max_len, hd)."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1), broadcast against (B, T)
-        self.keys[layer][rows, :, positions] = k.transpose(1, 2)  # indexed view: (B, T, n_kv, hd)
-        self.values[layer][rows, :, positions] = v.transpose(1, 2)
+        # The layer as a tensor index too: one write into the whole cache, which a compiled step
+        # does in place (a write through the layer's view is compiled as copies of the layer).
+        at = torch.full((1,), layer, dtype=torch.long, device=k.device)
+        self.keys[at, rows, :, positions] = k.transpose(1, 2)  # indexed: (B, T, n_kv, hd)
+        self.values[at, rows, :, positions] = v.transpose(1, 2)
         return self.keys[layer], self.values[layer]
 
 
