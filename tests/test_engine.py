@@ -162,15 +162,27 @@ def test_engine_size_errors(tiny_model) -> None:
         list(Engine(tiny_model, max_len=16).run([Request([5] * 10, 10)]))
 
 
-def test_prompts_of_one_length_are_prefilled_together(peaked_model) -> None:
-    """add_batch prefills equal-length prompts in one pass; the results equal one-by-one adds."""
-    requests = [Request([5, 6, 7], 6), Request([8, 9, 10], 6, n=2), Request([1, 2, 3], 6), Request([4], 6)]
+def test_prompts_of_neighbouring_slots_are_prefilled_together(peaked_model) -> None:
+    """add_batch prefills prompts of different lengths in one padded pass, except one whose
+    padding would more than double the work; the results equal one-by-one adds."""
+    requests = [
+        Request([5, 6, 7], 6),
+        Request([8, 9, 10, 11, 12], 6),
+        Request([1, 2], 6),
+        Request([4] * 40, 6, n=2),
+    ]
     together, apart = Engine(peaked_model, slots=5), Engine(peaked_model, slots=5)
+    passes: list[list[int]] = []
+    prefill = together.prefill
+    together.prefill = lambda first, prompts: (
+        passes.append([len(p) for p in prompts]) or prefill(first, prompts)
+    )  # type: ignore[method-assign]
     together.add_batch(requests)
+    assert passes == [[3, 5, 2], [40]]
     for r in requests:
         apart.add(r)
     torch.testing.assert_close(together.logits, apart.logits, atol=1e-5, rtol=1e-5)
-    assert together.lengths == apart.lengths == [3, 3, 3, 3, 1]
+    assert together.lengths == apart.lengths == [3, 5, 2, 40, 40]
     a, b = [], []
     while together.busy:
         a += together.step()

@@ -165,8 +165,9 @@ class Engine:
 
     @torch.inference_mode()
     def add_batch(self, requests: Sequence[Request]) -> list[int]:
-        """`add` for several requests at once: prompts of equal length that land in neighbouring
-        slots are prefilled together, in one forward pass. Checks them all before adding any."""
+        """`add` for several requests at once: prompts that land in neighbouring slots are
+        prefilled together, in one forward pass, unless padding them to the longest would more
+        than double the work. Checks them all before adding any."""
         vocab = self.model.config.vocab_size
         for request in requests:
             if request.max_new_tokens < 1:
@@ -185,12 +186,14 @@ class Engine:
         for request in requests:
             placed.append((request, free[: request.n]))
             free = free[request.n :]
-        # Group requests whose first slots are consecutive and whose prompts have one length.
+        # Group requests whose first slots are consecutive, while padding costs at most as much
+        # as the prompts themselves.
         groups: list[list[tuple[Request, list[int]]]] = []
         for request, slots in placed:
-            last = groups[-1][-1] if groups else None
-            if last and last[1][0] + 1 == slots[0] and len(last[0].prompt) == len(request.prompt):
-                groups[-1].append((request, slots))
+            group = groups[-1] if groups else []
+            lengths = [len(r.prompt) for r, _ in group] + [len(request.prompt)]
+            if group and group[-1][1][0] + 1 == slots[0] and len(lengths) * max(lengths) <= 2 * sum(lengths):
+                group.append((request, slots))
             else:
                 groups.append([(request, slots)])
         for group in groups:
@@ -281,15 +284,21 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, first_slot: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Write `prompts` (all of one length) into slots first_slot, first_slot + 1, ...,
-        replacing what they held, in one pass; returns the fp32 logits (len(prompts), vocab) of
-        the token after each."""
-        ids = torch.tensor([list(p) for p in prompts], device=self.device)  # (k, T)
-        k, T = ids.shape
+        """Write `prompts` into slots first_slot, first_slot + 1, ..., replacing what they held,
+        in one pass; returns the fp32 logits (len(prompts), vocab) of the token after each.
+
+        Shorter prompts are padded at the end. A pad's key and value land past its prompt, where
+        no query looks before the slot's own next token overwrites them."""
+        lengths = [len(p) for p in prompts]
+        k, T = len(prompts), max(lengths)
+        ids = torch.tensor([[*p, *[0] * (T - len(p))] for p in prompts], device=self.device)  # (k, T)
         positions = torch.arange(T, device=self.device).expand(k, T)
         hidden = self.model.features(ids, self.cache.rows(first_slot, k), positions, kv_len=T)
-        self.lengths[first_slot : first_slot + k] = [T] * k
-        return self.model.head(hidden[:, -1]).float()  # only the last position's logits are needed
+        self.lengths[first_slot : first_slot + k] = lengths
+        last = torch.tensor(lengths, device=self.device) - 1
+        return self.model.head(
+            hidden[torch.arange(k, device=self.device), last]
+        ).float()  # each prompt's last
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:

@@ -135,25 +135,37 @@ class Worker:
                     self._drop(job)
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, oldest first."""
-        while True:
-            with self._cond:
-                job = self._waiting[0] if self._waiting else None
-                if job is None or job.requests[job.admitted].n > self.engine.free_slots:
-                    self.stats.waiting = len(self._waiting)
-                    return
-                request = job.requests[job.admitted]
+        """Move waiting requests into free slots, oldest first, all in one `add_batch` (so
+        requests that arrive together are prefilled together)."""
+        taken: list[tuple[Job, int, Request]] = []  # (job, prompt index, request)
+        with self._cond:
+            free = self.engine.free_slots
+            while self._waiting and self._waiting[0].requests[self._waiting[0].admitted].n <= free:
+                job = self._waiting[0]
+                taken.append((job, job.admitted, job.requests[job.admitted]))
+                free -= job.requests[job.admitted].n
                 job.admitted += 1
                 if job.admitted == len(job.requests):
                     self._waiting.popleft()
-            try:
-                [engine_id] = self.engine.add_batch([request])
-            except KimbhoError as e:  # checked at submit, so not expected; the job fails alone
-                job._deliver(e)
-                self.cancel(job)
-                continue
-            job.engine_ids[engine_id] = job.admitted - 1
-            self._jobs[engine_id] = job
+            self.stats.waiting = len(self._waiting)
+        if not taken:
+            return
+        try:
+            engine_ids: list[int | None] = list(self.engine.add_batch([r for _, _, r in taken]))
+        except KimbhoError:  # checked at submit, so not expected: one by one, so only its job fails
+            engine_ids = [self._add_alone(job, request) for job, _, request in taken]
+        for (job, index, _), engine_id in zip(taken, engine_ids, strict=True):
+            if engine_id is not None:
+                job.engine_ids[engine_id] = index
+                self._jobs[engine_id] = job
+
+    def _add_alone(self, job: Job, request: Request) -> int | None:
+        try:
+            return self.engine.add_batch([request])[0]
+        except KimbhoError as e:
+            job._deliver(e)
+            self.cancel(job)
+            return None
 
     def _step(self) -> None:
         events = self.engine.step()
