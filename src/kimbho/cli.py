@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decode step: ~20 s once per process, then ~3x the tokens/s on a CPU",
+        help="compile the decode step: ~15 s once per process, then ~4x the tokens/s on a CPU",
     )
     gen.set_defaults(func=cmd_generate)
 

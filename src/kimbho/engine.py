@@ -20,8 +20,8 @@ The decode step is a plain function of static-shape tensors. In eager mode (the 
 CPU) it runs on the slots in use and the cached positions filled so far. With `compile=True`
 (the default on CUDA) it always runs on every slot and the whole cache, so one compiled graph
 serves every step: on CUDA captured in a CUDA graph; on the CPU with its few-row matrix products
-rewritten to read the weights at memory speed (`small_matmul`), ~3x eager's tokens/s at batch 1
-for ~20 s of compiling once per process (README, Decode speed).
+rewritten to read the weights at memory speed (`small_matmul`), ~4x eager's tokens/s at batch 1
+for ~15 s of compiling once per process (README, Decode speed).
 """
 
 from __future__ import annotations
@@ -295,10 +295,8 @@ class Engine:
         positions = torch.arange(T, device=self.device).expand(k, T)
         hidden = self.model.features(ids, self.cache.rows(first_slot, k), positions, kv_len=T)
         self.lengths[first_slot : first_slot + k] = lengths
-        last = torch.tensor(lengths, device=self.device) - 1
-        return self.model.head(
-            hidden[torch.arange(k, device=self.device), last]
-        ).float()  # each prompt's last
+        ends = hidden[torch.arange(k, device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return self.model.head(ends).float()  # only each prompt's last position's logits are needed
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
