@@ -99,7 +99,10 @@ def generate_batch(
             for r in requests
         ]
         return [[*r.prompt, *b.tokens] for r, b in zip(requests, best, strict=True)]
-    engine = Engine(model, slots=min(len(requests), MAX_SLOTS), max_len=max_len, compile=compile)
+    slots = min(len(requests), MAX_SLOTS)
+    if compile:  # a power of two: a few shapes, each compiled once (a process compiles at most 8)
+        slots = 1 << (slots - 1).bit_length()
+    engine = Engine(model, slots=slots, max_len=max_len, compile=compile)
     outputs = [list(r.prompt) for r in requests]
     for event in engine.run(requests):
         outputs[event.request_id].append(event.token)  # ids count up in the order of the requests
