@@ -78,8 +78,9 @@ def _rewrite_attention(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     mask, scale = node.kwargs.get("attn_mask"), node.kwargs.get("scale")
     q, k = query.meta["val"], key.meta["val"]
     B, H, T, D = q.shape
-    KV, L = k.shape[1], k.shape[2]
-    if q.device.type != "cpu" or T != 1 or dropout or causal or H % KV:
+    KV = k.shape[1]
+    shared_mask = mask is None or mask.meta["val"].shape[1:3] == (1, 1)  # one mask for all heads
+    if q.device.type != "cpu" or T != 1 or dropout or causal or H % KV or not shared_mask:
         return
     if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in node.users):
         return  # something reads the log-sum-exp: leave the fused kernel
@@ -90,7 +91,7 @@ def _rewrite_attention(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         scores = _call(graph, aten.sum.dim_IntList, _call(graph, aten.mul.Tensor, grouped, keys), [-1])
         scores = _call(graph, aten.mul.Tensor, scores, scale)  # (B, KV, G, L)
         if mask is not None:
-            visible = _call(graph, aten.reshape.default, mask, [B, 1, 1, L])
+            visible = mask  # (B or 1, 1, 1, L): broadcasts against the scores
             if mask.meta["val"].dtype == torch.bool:
                 scores = _call(graph, aten.where.ScalarOther, visible, scores, float("-inf"))
             else:

@@ -140,10 +140,13 @@ class Worker:
         taken: list[tuple[Job, int, Request]] = []  # (job, prompt index, request)
         with self._cond:
             free = self.engine.free_slots
-            while self._waiting and self._waiting[0].requests[self._waiting[0].admitted].n <= free:
+            while self._waiting:
                 job = self._waiting[0]
-                taken.append((job, job.admitted, job.requests[job.admitted]))
-                free -= job.requests[job.admitted].n
+                request = job.requests[job.admitted]
+                if request.n > free:
+                    break
+                taken.append((job, job.admitted, request))
+                free -= request.n
                 job.admitted += 1
                 if job.admitted == len(job.requests):
                     self._waiting.popleft()
