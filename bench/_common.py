@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "src"))
 import kimbho  # noqa: E402
 from kimbho.config import KimbhoConfig  # noqa: E402
 from kimbho.data import TokenStream, eval_windows  # noqa: E402
+from kimbho.device import autocast  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CACHE = REPO / "bench" / ".cache"
@@ -63,6 +64,24 @@ def hf_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
     """Mean next-token cross-entropy the way transformers computes it (fp32 logits)."""
     logits = model(input_ids=inputs).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def hf_train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """One training step of the Hugging Face peer as the HF Trainer runs it by default: the loss
+    (under autocast when `dtype` is bf16), backward, gradient clipping at 1.0, the optimizer."""
+    with autocast(torch.device("cpu"), dtype):
+        loss = hf_loss(model, inputs, targets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def validation_windows(data_dir: Path) -> tuple[list[torch.Tensor], float]:

@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from _common import hf_model
 
 import kimbho
 from kimbho.engine import Engine, Request
-from kimbho.interop.hf import config_to_hf, to_hf
+from kimbho.interop.hf import to_hf
 
 
 @dataclass
@@ -110,9 +111,7 @@ def hf_run(hf: torch.nn.Module, prompts: torch.Tensor, new: int):
 
 def hf_twin(model: kimbho.KimbhoV1Model) -> torch.nn.Module:
     """A `LlamaForCausalLM` holding exactly `model`'s weights (through Kimbho's export key map)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf = LlamaForCausalLM(LlamaConfig(**config_to_hf(model.config)))
+    hf = hf_model(model.config)
     hf.load_state_dict(to_hf(model.state_dict(), model.config), strict=not model.config.tie_embeddings)
     hf.generation_config.eos_token_id = None
     return hf.to(model.embed.weight.device, model.embed.weight.dtype).eval()

@@ -9,7 +9,10 @@ tokenizer and data, the same batch size and sequence length, the same validation
 only: it stops while the validation set is scored (every `--eval-every` seconds), for both.
 
 Both recipes decay their learning rate over the whole budget: after 10 steps each measures its
-speed and sets its run length to what the rest of the budget holds.
+speed and sets its run length to what the rest of the budget holds, then re-estimates it after
+every step from the speed so far until 90% of the run is done: a shared machine's speed drifts by
+~10% over 20 minutes, and a run sized once either stops before its decay ends or ends its decay
+with budget left over.
 
 One leg per invocation, so each fits a ~10-minute CPU lock; a leg longer than `--chunk-minutes`
 stops there, saving its state, and the same command continues it:
@@ -40,8 +43,8 @@ from _common import (
     RESULTS,
     SEQ_LEN,
     bits_per_byte,
-    hf_loss,
     hf_model,
+    hf_train_step,
     load_results,
     model_config,
     prepared_data,
@@ -106,7 +109,7 @@ class KimbhoLeg:
         self.model = self.trainer.model
         self.batch_size = self.trainer.cfg.batch_size
         self.recipe = {k: getattr(self.trainer.cfg, k) for k in vars(TrainConfig())}
-        self.recipe["compiled"] = self.trainer.features != self.model.features
+        self.recipe["compiled"] = self.trainer.compiled
 
     def set_total_steps(self, steps: int) -> None:
         self.trainer.cfg.max_steps = steps  # the schedule (lr_at) reads it every step
@@ -131,20 +134,24 @@ class HFLeg:
     """`LlamaForCausalLM` with the HF Trainer's default AdamW and a cosine schedule at lr 3e-4."""
 
     def __init__(self, data_dir: Path) -> None:
-        from transformers import get_cosine_schedule_with_warmup
-
         self.batch_size = TrainConfig().batch_size  # the same batch as Kimbho's default recipe
         self.model = hf_model(model_config())
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=HF_LR, weight_decay=0.0, fused=True)
-        self._make_schedule = lambda total: get_cosine_schedule_with_warmup(self.optimizer, 0, total)
-        self.schedule: Any = None
         self.total_steps = 0
+        # transformers' get_cosine_schedule_with_warmup without warm-up, written out so that the
+        # run length can be re-estimated during the run (see `run_leg`).
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: (
+                0.5 * (1 + math.cos(math.pi * min(1.0, step / self.total_steps))) if self.total_steps else 1.0
+            ),
+        )
         self.sampler = RandomWindowSampler(TokenStream(data_dir, "train"), SEQ_LEN, self.batch_size, seed=0)
         self.recipe = {
             "optimizer": "torch AdamW (fused), betas (0.9, 0.999), weight_decay 0",
             "lr": HF_LR,
-            "schedule": "cosine to 0, no warm-up (transformers.get_cosine_schedule_with_warmup)",
+            "schedule": "cosine to 0, no warm-up (as transformers.get_cosine_schedule_with_warmup)",
             "grad_clip": 1.0,
             "batch_size": self.batch_size,
             "seq_len": SEQ_LEN,
@@ -152,20 +159,11 @@ class HFLeg:
 
     def set_total_steps(self, steps: int) -> None:
         self.total_steps = self.recipe["max_steps"] = steps
-        self.schedule = self._make_schedule(steps)  # at its step 0; this is step CALIBRATION_STEPS
-        for _ in range(CALIBRATION_STEPS):
-            self.schedule.step()
 
     def step(self, step: int) -> float:
-        inputs, targets = self.sampler.batch(step)
-        loss = hf_loss(self.model, inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.schedule is not None:
-            self.schedule.step()
-        return loss.item()
+        loss = hf_train_step(self.model, self.optimizer, *self.sampler.batch(step))
+        self.schedule.step()
+        return loss
 
     def loss_sum(self, model: torch.nn.Module, batch: torch.Tensor) -> float:
         logits = model(input_ids=batch[:, :-1]).logits
@@ -175,14 +173,13 @@ class HFLeg:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "schedule": self.schedule.state_dict(),
         }
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.schedule is not None:
-            self.schedule.load_state_dict(state["schedule"])
+        self.schedule.load_state_dict(state["schedule"])
 
 
 def run_leg(
@@ -226,14 +223,17 @@ def run_leg(
         progress["train_sec"] += time.perf_counter() - start
         progress["step"] += 1
         progress["losses"].append([progress["train_sec"], loss])
-        if progress["step"] == CALIBRATION_STEPS and not progress["total_steps"]:
-            times = [seconds for seconds, _ in progress["losses"]]
-            per_step = (times[-1] - times[1]) / (CALIBRATION_STEPS - 2)
-            progress["total_steps"] = CALIBRATION_STEPS + int((budget - progress["train_sec"]) / per_step)
+        calibrating = progress["step"] == CALIBRATION_STEPS and not progress["total_steps"]
+        if calibrating or CALIBRATION_STEPS < progress["step"] < 0.9 * progress["total_steps"]:
+            # Steps 1 and 2 include compilation and allocator warm-up: time from the end of step 2.
+            after_warmup = progress["losses"][1][0]
+            per_step = (progress["train_sec"] - after_warmup) / (progress["step"] - 2)
+            progress["total_steps"] = progress["step"] + int((budget - progress["train_sec"]) / per_step)
             leg.set_total_steps(progress["total_steps"])
-            print(
-                f"{label}: {per_step:.2f} s/step, {progress['total_steps']} steps fit {budget / 60:.0f} min"
-            )
+            if calibrating:
+                print(
+                    f"{label}: {per_step:.2f} s/step, {progress['total_steps']} steps fit {budget / 60:.0f} min"
+                )
         finished = progress["step"] == progress["total_steps"] or progress["train_sec"] >= budget
         if progress["train_sec"] >= next_eval or finished:
             bpb = bits_per_byte(leg.loss_sum, leg.model, windows, bytes_per_token)

@@ -37,8 +37,8 @@ from _common import (
     DEFAULT_CORPUS,
     RESULTS,
     SEQ_LEN,
-    hf_loss,
     hf_model,
+    hf_train_step,
     load_results,
     model_config,
     peak_rss_mb,
@@ -48,7 +48,7 @@ from _common import (
 
 from kimbho.config import RunConfig, TrainConfig
 from kimbho.data import RandomWindowSampler, TokenStream
-from kimbho.device import autocast, peak_flops
+from kimbho.device import peak_flops
 from kimbho.model import KimbhoV1Model
 from kimbho.train import Trainer
 
@@ -149,7 +149,7 @@ def kimbho_stepper(cfg: Any, precision: str, data_dir: Path, overrides: dict[str
     )
     out = tempfile.mkdtemp(prefix="kimbho-speed-")
     trainer = Trainer(RunConfig(cfg, train), data_dir, Path(out), progress_bar=False)
-    compiled = trainer.features != trainer.model.features
+    compiled = trainer.compiled
     setup = f"optimizer {train.optimizer}, {'compiled' if compiled else 'eager'}"
     return trainer.train_step, setup
 
@@ -160,16 +160,9 @@ def hf_stepper(cfg: Any, precision: str, data_dir: Path) -> tuple[Any, str]:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     sampler = RandomWindowSampler(TokenStream(data_dir, "train"), SEQ_LEN, BATCH, seed=0)
-    device, dtype = torch.device("cpu"), DTYPES[precision]
 
     def step(i: int) -> None:
-        inputs, targets = sampler.batch(i)
-        with autocast(device, dtype):
-            loss = hf_loss(model, inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        hf_train_step(model, optimizer, *sampler.batch(i), dtype=DTYPES[precision])
 
     return step, f"AdamW (fused), attention {model.config._attn_implementation}"
 

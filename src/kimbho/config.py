@@ -168,8 +168,10 @@ class TrainConfig:
     warmup_steps: int = field(default=25, metadata=_doc("linear warm-up steps"))
     max_steps: int = field(default=1000, metadata=_doc("length of the run; the schedule ends here"))
     schedule: str = field(default="wsd", metadata=_doc("wsd (warm-up, stable, decay) | cosine | constant"))
-    decay_fraction: float = field(default=0.2, metadata=_doc("wsd: fraction of the run spent decaying"))
-    weight_decay: float = field(default=0.1, metadata=_doc("AdamW weight decay (matrices only)"))
+    decay_fraction: float = field(default=0.4, metadata=_doc("wsd: fraction of the run spent decaying"))
+    weight_decay: float = field(
+        default=0.5, metadata=_doc("decoupled weight decay on matrices (Muon's and AdamW's), none on gains")
+    )
     beta1: float = field(default=0.9, metadata=_doc("AdamW beta1"))
     beta2: float = field(default=0.95, metadata=_doc("AdamW beta2"))
     grad_clip: float = field(default=1.0, metadata=_doc("clip the global gradient norm to this (0: off)"))

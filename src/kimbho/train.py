@@ -161,6 +161,7 @@ class Trainer:
         self.train_loss = distributed.parallelize(self.model, loss, self.world, self.cfg.parallel)
         # Compiled after sharding, which hooks FSDP2's gathering onto `model.features`.
         loss.features = self._maybe_compile(self.model)
+        self.compiled = loss.features != self.model.features  # a bound method is a new object each time
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)  # after sharding
         if self.world.size > 1:
             # Each process draws its own dropout masks.
