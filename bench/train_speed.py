@@ -149,8 +149,7 @@ def kimbho_stepper(cfg: Any, precision: str, data_dir: Path, overrides: dict[str
     )
     out = tempfile.mkdtemp(prefix="kimbho-speed-")
     trainer = Trainer(RunConfig(cfg, train), data_dir, Path(out), progress_bar=False)
-    compiled = trainer.compiled
-    setup = f"optimizer {train.optimizer}, {'compiled' if compiled else 'eager'}"
+    setup = f"optimizer {train.optimizer}, {'compiled' if trainer.compiled else 'eager'}"
     return trainer.train_step, setup
 
 
