@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kimbho-installed
 
-.PHONY: demo test test-fast lint bench clean llama-cpp
+.PHONY: demo test test-fast test-precision lint bench clean llama-cpp
 
 $(STAMP): pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -26,6 +26,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# train.precision=auto picks bf16 on CPUs with AVX512-BF16 or AMX and fp32 elsewhere. The tests
+# whose results depend on that choice run here both ways, whatever this CPU is
+# (KIMBHO_CPU_BF16 makes the CPU report native bf16, or not). For the whole suite as a bf16
+# machine runs it: KIMBHO_CPU_BF16=1 make test.
+test-precision: $(STAMP)
+	KIMBHO_CPU_BF16=1 $(BIN)/python -m pytest -q -m precision
+	KIMBHO_CPU_BF16=0 $(BIN)/python -m pytest -q -m precision
 
 # llama.cpp's Python bindings, compiled from source (about half an hour on 2 CPU cores): with them
 # installed, `make test` also runs exported GGUF files in llama.cpp. LLAVA_BUILD=OFF skips the

@@ -23,6 +23,16 @@ from kimbho.config import KimbhoConfig, RunConfig, TrainConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` run only where PyTorch sees a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in corpus prepared with a 512-token tokenizer."""
@@ -52,6 +62,15 @@ def tiny_run_config(**train: object) -> RunConfig:
         seed=0,
     )
     return RunConfig(KimbhoConfig.from_preset("tiny"), TrainConfig(**{**defaults, **train}))  # type: ignore[arg-type]
+
+
+WALL_CLOCK_FIELDS = ("elapsed_sec", "tokens_per_sec", "mfu")
+
+
+def without_wall_clock(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """metrics.jsonl records less the fields that measure time: what must be equal between a run
+    and the same run interrupted and resumed."""
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK_FIELDS} for r in records]
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import kimbho
 from kimbho.checkpoint import list_checkpoints, verify
+from kimbho.device import pick_precision
 from kimbho.metrics import read_metrics
 from kimbho.train import NextTokenLoss
 
@@ -45,6 +46,10 @@ TRAIN_ARGS = [
     "train.seed=0",
 ]
 TOLERANCE = 1e-4
+# The runs use train.precision=auto. In bf16 the weights of 1 and 2 processes drift further apart
+# (sums of bf16 products in another order; Newton-Schulz in bf16): 1.9e-4 after 6 steps, measured
+# with bf16 forced on an AVX2 Zen 3, against ~0.02 for the weights themselves.
+WEIGHT_TOLERANCE = 1e-3 if pick_precision("auto", torch.device("cpu")) == torch.bfloat16 else TOLERANCE
 # The optimizer each parallel mode is tested with: Muon (the default) needs whole matrices, so
 # FSDP runs AdamW (a Muon run under FSDP is refused).
 OPTIMIZER = {"ddp": "muon", "fsdp": "adamw"}
@@ -116,6 +121,7 @@ def settings_of(parallel: str) -> list[str]:
     return [f"train.parallel={parallel}", f"train.optimizer={OPTIMIZER[parallel]}"]
 
 
+@pytest.mark.precision
 def test_two_processes_match_one_step_for_step(
     one_process: Callable[[str], Path], two_processes: Path
 ) -> None:
@@ -133,12 +139,13 @@ def test_two_processes_match_one_step_for_step(
     a, b = weights(one), weights(two_processes)
     assert a.keys() == b.keys() and not any(k.startswith(("module.", "_orig_mod.", "model.")) for k in b)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(b[name], a[name], atol=WEIGHT_TOLERANCE, rtol=0)
     state = torch.load(two_processes / "checkpoints" / f"step-{STEPS:08d}" / "trainer.pt", weights_only=True)
     assert len(state["rng_by_rank"]) == 2 and state["progress"]["step"] == STEPS
     assert set(state["optimizer"]["state"]) == set(a)  # whole optimizer state, by parameter name
 
 
+@pytest.mark.precision
 def test_checkpoint_resumes_exactly_on_two_processes_and_loads_in_one(
     one_process: Callable[[str], Path], two_processes: Path, data_dir: Path, tmp_path: Path
 ) -> None:

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -9,20 +10,27 @@ from safetensors.torch import load_file
 
 import kimbho
 from kimbho.config import KimbhoConfig, TrainConfig
+from kimbho.device import CPU_BF16_ENV
 from kimbho.errors import KimbhoError
 from kimbho.metrics import read_metrics
 from kimbho.train import lr_at
 
-from .conftest import tiny_run_config
+from .conftest import tiny_run_config, without_wall_clock
 
 
+@pytest.mark.precision
 def test_loss_falls_and_run_directory_layout(trained_run: Path) -> None:
     train = read_metrics(trained_run, "train")
     assert train[0]["loss"] > train[-1]["loss"] + 1.0
     assert train[-1]["loss"] < math.log(512) - 1.5  # well below chance
     for field in ("loss", "lr", "tokens_seen", "tokens_per_sec", "mfu", "elapsed_sec"):
         assert field in train[0]
-    assert 0 < train[-1]["mfu"] < 1.5  # a fraction of the measured peak (timing noise allowed)
+    assert 0 < train[-1]["mfu"]
+    if os.environ.get(CPU_BF16_ENV) != "1":
+        # A fraction of the measured peak (timing noise allowed). Not where bf16 is forced on a
+        # CPU that emulates it: the peak is then timed on large emulated products, which run
+        # slower than the tiny model's small ones.
+        assert train[-1]["mfu"] < 1.5
     assert train[0]["tokens_seen"] == 5 * 8 * 64
     evals = read_metrics(trained_run, "eval")
     assert [e["step"] for e in evals] == [60, 120]
@@ -48,13 +56,14 @@ def test_checkpoint_contents_are_safe_to_load(trained_run: Path) -> None:
     assert torch.equal(model.head.weight, weights["head.weight"])
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_resume_continues_and_matches_the_uninterrupted_run(
     optimizer: str, data_dir: Path, tmp_path: Path
 ) -> None:
     def config():  # dropout exercises the saved RNG state; validation and best saves come between steps
         run = tiny_run_config(
-            max_steps=30, save_every=10, log_every=1, eval_every=10, micro_batch_size=4, optimizer=optimizer
+            max_steps=30, save_every=10, log_every=4, eval_every=10, micro_batch_size=4, optimizer=optimizer
         )
         run.model.dropout = 0.1
         return run
@@ -66,9 +75,10 @@ def test_resume_continues_and_matches_the_uninterrupted_run(
     for step in (20, 30):
         shutil.rmtree(part / "checkpoints" / f"step-{step:08d}")
     kimbho.Trainer(config(), data_dir, part, resume=True, progress_bar=False).fit()
-    # One curve: the records the first process wrote after step 10 were dropped on resume.
-    losses = [(r["step"], r["loss"]) for r in read_metrics(full, "train")]
-    assert [(r["step"], r["loss"]) for r in read_metrics(part, "train")] == losses
+    # One curve, record for record: the records the first process wrote after step 10 were
+    # dropped on resume, and the record at step 12 averages steps 9-12 in both runs (the resumed
+    # process read the losses of steps 9 and 10 back from the checkpoint).
+    assert without_wall_clock(read_metrics(part)) == without_wall_clock(read_metrics(full))
     a = load_file(full / "checkpoints" / "step-00000030" / "model.safetensors")
     b = load_file(part / "checkpoints" / "step-00000030" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -104,18 +114,53 @@ def test_seq_len_above_context_is_refused(data_dir: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "run").exists()
 
 
-def test_gradient_accumulation_matches_the_full_batch(data_dir: Path, tmp_path: Path) -> None:
-    one = kimbho.Trainer(tiny_run_config(batch_size=8), data_dir, tmp_path / "one", progress_bar=False)
+# One batch in 4 micro-batches against the whole batch, 3 steps: how far the losses and the weight
+# updates (all parameters' changes as one vector) may differ. In bf16 the products of 2 rows and of
+# 8 round differently (8 bits of mantissa): measured on an AVX2 Zen 3 with bf16 forced, the losses
+# agree to 2e-6 and the updates to 1.3% (a few elements of an early AdamW/Muon step flip sign, so
+# elementwise tolerances would have to be as large as the update itself); fp32 agrees to 3e-6.
+ACCUMULATION_TOLERANCE = {"fp32": dict(loss=1e-5, update=1e-4), "bf16": dict(loss=1e-4, update=0.05)}
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradient_accumulation_matches_the_full_batch(precision: str, data_dir: Path, tmp_path: Path) -> None:
+    tol = ACCUMULATION_TOLERANCE[precision]
+    one = kimbho.Trainer(
+        tiny_run_config(batch_size=8, precision=precision), data_dir, tmp_path / "one", progress_bar=False
+    )
     four = kimbho.Trainer(
-        tiny_run_config(batch_size=8, micro_batch_size=2), data_dir, tmp_path / "four", progress_bar=False
+        tiny_run_config(batch_size=8, micro_batch_size=2, precision=precision),
+        data_dir,
+        tmp_path / "four",
+        progress_bar=False,
     )
     assert four.accum_steps == 4
+    initial = torch.cat([p.detach().flatten() for p in one.model.parameters()])
     for step in range(3):
         loss_one, _ = one.train_step(step)
         loss_four, _ = four.train_step(step)
-        assert loss_one == pytest.approx(loss_four, rel=1e-5)
-    for a, b in zip(one.model.parameters(), four.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert loss_one == pytest.approx(loss_four, rel=tol["loss"])
+    update_one = torch.cat([p.detach().flatten() for p in one.model.parameters()]) - initial
+    update_four = torch.cat([p.detach().flatten() for p in four.model.parameters()]) - initial
+    assert (update_four - update_one).norm() / update_one.norm() < tol["update"]
+    if precision == "fp32":
+        torch.testing.assert_close(update_four, update_one, atol=1e-5, rtol=1e-4)
+
+
+def test_precision_auto_follows_the_forced_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KIMBHO_CPU_BF16 makes any CPU pick what a bf16-native (or an fp32-only) CPU picks, so the
+    whole suite can run both branches of precision=auto on one machine."""
+    from kimbho import device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(device.CPU_BF16_ENV, "1")
+    assert device.pick_precision("auto", cpu) == torch.bfloat16
+    monkeypatch.setenv(device.CPU_BF16_ENV, "0")
+    assert device.pick_precision("auto", cpu) == torch.float32
+    monkeypatch.setenv(device.CPU_BF16_ENV, "yes")
+    with pytest.raises(KimbhoError, match="KIMBHO_CPU_BF16='yes'"):
+        device.pick_precision("auto", cpu)
 
 
 def test_learning_rate_schedules() -> None:

@@ -4,12 +4,16 @@ CPU and CUDA differ in one place only: this module. bf16 pays on CUDA GPUs of co
 8.0 or newer (Ampere+) and on CPUs with AMX tiles or AVX512-BF16; elsewhere (for example AVX2-only
 CPUs, where PyTorch emulates bf16 matrix products and they run ~60x slower than fp32) `auto`
 picks fp32.
+
+`KIMBHO_CPU_BF16=1` (or `0`) makes the CPU report native bf16 (or not) whatever it has, so the
+test suite can be run on any machine as a bf16 CPU (or an fp32 one) would run it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Iterator
 
@@ -46,7 +50,17 @@ def fast_bf16(device: torch.device) -> bool:
     return False
 
 
+CPU_BF16_ENV = "KIMBHO_CPU_BF16"
+
+
 def _cpu_has_native_bf16() -> bool:
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise KimbhoError(
+            f"{CPU_BF16_ENV}={forced!r}: use 1 (treat the CPU as bf16-native), 0, or leave it unset"
+        )
     # Private probes of torch.cpu (present since 2.3); a missing probe counts as "no".
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(getattr(torch.cpu, check, lambda: False)()) for check in checks)
@@ -61,6 +75,34 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "fp32":
         return torch.float32
     raise KimbhoError(f"unknown precision {name!r}; use auto, fp32 or bf16")
+
+
+INFERENCE_DTYPES = ("auto", "fp32", "bf16")
+
+
+def pick_inference_dtype(name: str, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The weight dtype for `--dtype` at inference. `auto` keeps the checkpoint's precision
+    (`stored`) where `device` computes in it natively, and fp32 otherwise: a bf16 checkpoint on
+    an AVX2-only CPU would run ~60x slower as it is (fp16 weights compute in fp32 on a CPU)."""
+    if name == "auto":
+        if stored == torch.bfloat16 and fast_bf16(device):
+            return torch.bfloat16
+        if stored == torch.float16 and device.type == "cuda":
+            return torch.float16
+        return torch.float32
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    raise KimbhoError(f"unknown dtype {name!r}; use {', '.join(INFERENCE_DTYPES)}")
+
+
+def compile_decode(requested: bool | None, device: torch.device) -> bool:
+    """Whether generation compiles its decode step: the one decision every caller reads (the
+    engine, the slot length and slot count it is built with). `None` picks by device: CUDA yes
+    (a captured graph is several times faster); elsewhere no, as compiling costs seconds that a
+    short generation would not win back."""
+    return device.type == "cuda" if requested is None else bool(requested)
 
 
 def adamw_fused(device: torch.device) -> bool:

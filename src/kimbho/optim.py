@@ -184,7 +184,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         [p for p in model.parameters() if id(p) in hidden],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        # Newton–Schulz is matrix products only: run it in whatever is fast on this device.
-        ns_dtype=pick_precision("auto", device),
+        # Newton–Schulz is matrix products only: in the run's precision (bf16 where auto picks
+        # it), so that train.precision=fp32 is fp32 throughout, on every machine.
+        ns_dtype=pick_precision(cfg.precision, device),
     )
     return MuonWithAdamW(muon, adamw)
