@@ -25,8 +25,17 @@ from kimbho.device import autocast  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CACHE = REPO / "bench" / ".cache"
-# tinyshakespeare (Karpathy's char-rnn corpus, 1.1 MB); pass --data to use another text.
-DEFAULT_CORPUS = Path(os.environ.get("KIMBHO_BENCH_CORPUS", "/work/shared/data/tinyshakespeare.txt"))
+# tinyshakespeare (Karpathy's char-rnn corpus, 1.1 MB); pass --data to use another text. Looked
+# for relative to the checkout (bench/data/, or a shared/data/ folder beside the repository),
+# unless $KIMBHO_BENCH_CORPUS names it.
+_CORPUS_PLACES = [REPO / "bench" / "data", REPO.parent / "shared" / "data"]
+DEFAULT_CORPUS = Path(
+    os.environ.get("KIMBHO_BENCH_CORPUS")
+    or next(
+        (str(d / "tinyshakespeare.txt") for d in _CORPUS_PLACES if (d / "tinyshakespeare.txt").is_file()),
+        str(_CORPUS_PLACES[0] / "tinyshakespeare.txt"),
+    )
+)
 PRESET = "small"
 VOCAB = 8192  # the `small` preset's vocabulary
 BATCH, SEQ_LEN = 16, 256
@@ -84,28 +93,30 @@ def hf_train_step(
     return loss.item()
 
 
-def validation_windows(data_dir: Path) -> tuple[list[torch.Tensor], float]:
-    """The whole validation split as windows of SEQ_LEN + 1 tokens, and its bytes per token."""
+def validation_windows(data_dir: Path) -> tuple[list[torch.Tensor], int]:
+    """The whole validation split as windows of SEQ_LEN + 1 tokens, and the UTF-8 bytes of the
+    tokens they predict (every token after the first): bits per byte's denominator, as Kimbho's."""
     val = TokenStream(data_dir, "val")
-    return list(eval_windows(val.window, len(val), SEQ_LEN, None)), val.bytes_per_token
+    tokenizer = kimbho.Tokenizer.from_file(Path(data_dir) / "tokenizer.json")
+    predicted_bytes = tokenizer.count_bytes(val.window(1, len(val) - 1))
+    return list(eval_windows(val.window, len(val), SEQ_LEN, None)), predicted_bytes
 
 
 @torch.no_grad()
 def bits_per_byte(
-    loss_sum: Any, model: torch.nn.Module, windows: list[torch.Tensor], bytes_per_token: float
+    loss_sum: Any, model: torch.nn.Module, windows: list[torch.Tensor], predicted_bytes: int
 ) -> float:
     """Validation bits per byte of `model`, given `loss_sum(model, batch) -> summed nats`."""
     model.eval()
-    total, count = 0.0, 0
+    total = 0.0
     full = [w for w in windows if len(w) == SEQ_LEN + 1]
     rest = [w for w in windows if len(w) != SEQ_LEN + 1]
     batches = [torch.stack(full[i : i + BATCH]) for i in range(0, len(full), BATCH)]
     batches += [w[None] for w in rest]
     for batch in batches:
         total += loss_sum(model, batch)
-        count += batch.shape[0] * (batch.shape[1] - 1)
     model.train()
-    return total / math.log(2) / (count * bytes_per_token)
+    return total / math.log(2) / predicted_bytes
 
 
 def peak_rss_mb() -> float:

@@ -191,7 +191,7 @@ def run_leg(
     data_dir: Path,
     restart: bool,
 ) -> None:
-    windows, bytes_per_token = validation_windows(data_dir)
+    windows, predicted_bytes = validation_windows(data_dir)
     state_file = CACHE / f"ttq-{label}.pt"
     results = load_results(RESULTS_FILE)
     progress: dict[str, Any] = {"step": 0, "train_sec": 0.0, "total_steps": 0, "curve": [], "losses": []}
@@ -212,7 +212,7 @@ def run_leg(
         leg.load(saved["state"])
         print(f"{label}: continuing at step {progress['step']}, {progress['train_sec'] / 60:.1f} min trained")
     else:
-        progress["curve"].append([0.0, bits_per_byte(leg.loss_sum, leg.model, windows, bytes_per_token)])
+        progress["curve"].append([0.0, bits_per_byte(leg.loss_sum, leg.model, windows, predicted_bytes)])
     chunk_end = min(budget, progress["train_sec"] + chunk)
     next_eval = (math.floor(progress["train_sec"] / eval_every) + 1) * eval_every
     while progress["train_sec"] < chunk_end and (
@@ -236,7 +236,7 @@ def run_leg(
                 )
         finished = progress["step"] == progress["total_steps"] or progress["train_sec"] >= budget
         if progress["train_sec"] >= next_eval or finished:
-            bpb = bits_per_byte(leg.loss_sum, leg.model, windows, bytes_per_token)
+            bpb = bits_per_byte(leg.loss_sum, leg.model, windows, predicted_bytes)
             progress["curve"].append([progress["train_sec"], bpb])
             next_eval += eval_every
             print(

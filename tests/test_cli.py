@@ -64,7 +64,7 @@ def test_pipeline_as_a_user_runs_it(tmp_path: Path) -> None:
     assert r.stdout.startswith("It was")
     r = run_subprocess("eval", tmp_path / "run", "--data", tmp_path / "data")
     assert r.returncode == 0, r.stderr
-    assert set(json.loads(r.stdout)) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert set(json.loads(r.stdout)) == {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}
 
 
 def test_stream_and_interactive_generation(trained_run: Path, capsys, monkeypatch) -> None:

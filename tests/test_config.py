@@ -117,6 +117,28 @@ def test_train_config_validation() -> None:
         TrainConfig(batch_size=0)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("decay_fraction", 1.5, r"train.decay_fraction must be in \[0, 1\], got 1.5"),
+        ("decay_fraction", -0.1, r"train.decay_fraction must be in \[0, 1\]"),
+        ("min_lr_ratio", 2.0, r"train.min_lr_ratio must be in \[0, 1\]"),
+        ("min_lr_ratio", float("nan"), r"train.min_lr_ratio must be in \[0, 1\], got nan"),
+        ("grad_clip", -1.0, "train.grad_clip must be a non-negative number"),
+        ("eval_tokens", 0, "train.eval_tokens must be at least 1"),
+        ("weight_decay", -0.1, "train.weight_decay must be a non-negative number"),
+        ("beta1", 1.0, r"train.beta1 must be in \[0, 1\)"),
+        ("beta2", -0.5, r"train.beta2 must be in \[0, 1\)"),
+        ("lr", float("nan"), "train.lr must be a positive number"),
+    ],
+)
+def test_out_of_range_train_fields_are_one_clear_line(field: str, value: float, message: str) -> None:
+    with pytest.raises(KimbhoError, match=message):
+        TrainConfig(**{field: value})
+    with pytest.raises(KimbhoError, match=message):  # the same from the command line
+        resolve_run_config(overrides=[f"train.{field}={value}"])
+
+
 def test_every_preset_builds_a_valid_config() -> None:
     for name in PRESETS:
         KimbhoConfig.from_preset(name)

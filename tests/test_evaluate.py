@@ -7,18 +7,51 @@ import kimbho
 from kimbho.demo import unigram_bpb
 from kimbho.errors import KimbhoError
 
+from .conftest import run_cli
 
-def test_eval_on_data_directory(trained_run: Path, data_dir: Path) -> None:
+
+def test_eval_on_data_directory(trained_run: Path, data_dir: Path, tokenizer: kimbho.Tokenizer) -> None:
     model, tok = kimbho.load(trained_run)
     result = kimbho.evaluate(model, tok, data_dir)
-    assert set(result) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert set(result) == {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     val = kimbho.TokenStream(data_dir, "val")
     assert result["tokens"] == len(val) - 1
-    expected_bpb = result["loss"] * result["tokens"] / math.log(2) / ((len(val) - 1) * val.bytes_per_token)
-    assert result["bits_per_byte"] == pytest.approx(expected_bpb)
+    # Bits per byte over the exact bytes of the predicted tokens (every one after the first), as
+    # for a text file: not an average bytes-per-token of the split.
+    predicted = val.window(1, len(val) - 1)
+    assert result["bytes"] == len(tokenizer.decode(predicted.tolist(), skip_special_tokens=True).encode())
+    assert result["bits_per_byte"] == pytest.approx(
+        result["loss"] * result["tokens"] / math.log(2) / result["bytes"]
+    )
+    limited = kimbho.evaluate(model, tok, data_dir, max_tokens=100)
+    assert limited["bytes"] == len(
+        tokenizer.decode(val.window(1, 100).tolist(), skip_special_tokens=True).encode()
+    )
     # A trained model beats the unigram baseline on held-out text.
     assert result["bits_per_byte"] < unigram_bpb(data_dir)
+
+
+def test_count_bytes_counts_no_special_tokens(tokenizer: kimbho.Tokenizer) -> None:
+    text = "naïve café, 日本語 😀"
+    ids = tokenizer.encode(text)
+    assert tokenizer.count_bytes(ids) == len(text.encode())
+    assert tokenizer.count_bytes([tokenizer.eot_id, *ids, tokenizer.eot_id]) == len(text.encode())
+
+
+def test_nothing_to_evaluate_is_an_error_not_a_perfect_score(
+    trained_run: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    model, tok = kimbho.load(trained_run)
+    with pytest.raises(KimbhoError, match="max_tokens must be at least 1"):
+        kimbho.evaluate(model, tok, data_dir, max_tokens=0)
+    assert run_cli("eval", trained_run, "--data", data_dir, "--max-tokens", 0) == 1
+    assert "max_tokens must be at least 1" in capsys.readouterr().err
+    # A data directory without a validation split is refused, not quietly scored on its train split.
+    no_val = tmp_path / "no-val"
+    kimbho.prepare(None, no_val, tokenizer=data_dir / "tokenizer.json", val_fraction=0.0)
+    with pytest.raises(KimbhoError, match="has no validation split"):
+        kimbho.evaluate(model, tok, no_val)
 
 
 def test_eval_on_text_file_counts_bytes(trained_run: Path, tmp_path: Path) -> None:

@@ -254,8 +254,23 @@ class TrainConfig:
             raise KimbhoError(
                 f"train.skip_spikes must be 0 (off) or a factor above 1 (such as 3), got {self.skip_spikes}"
             )
-        if self.lr <= 0:
-            raise KimbhoError(f"train.lr must be positive, got {self.lr}")
+        # Written as "not in range" so that NaN, which fails every comparison, is refused too.
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise KimbhoError(f"train.lr must be a positive number, got {self.lr}")
+        if self.eval_tokens < 1:
+            raise KimbhoError(
+                f"train.eval_tokens must be at least 1 (validation tokens per pass), got {self.eval_tokens}"
+            )
+        for name in ("min_lr_ratio", "decay_fraction"):  # fractions of the peak lr, of the run
+            if not 0 <= getattr(self, name) <= 1:
+                raise KimbhoError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):  # AdamW's moment decays: 1 would never forget
+            if not 0 <= getattr(self, name) < 1:
+                raise KimbhoError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise KimbhoError(f"train.{name} must be a non-negative number (0: off), got {value}")
         if self.dist_timeout <= 0:
             raise KimbhoError(f"train.dist_timeout must be positive (seconds), got {self.dist_timeout}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:

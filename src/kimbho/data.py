@@ -286,7 +286,6 @@ class TokenStream:
             raise KimbhoError(
                 f"{self.data_dir}: {split} shards hold {self.offsets[-1]} tokens, meta.json says {info['tokens']}"
             )
-        self.bytes_per_token = info["bytes"] / max(1, info["tokens"])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

@@ -21,6 +21,7 @@ from .errors import KimbhoError
 from .generation import stream
 from .metrics import read_metrics
 from .model import KimbhoV1Model
+from .tokenizer import Tokenizer
 from .train import Trainer
 
 _MARKER = ".kimbho-demo"
@@ -182,4 +183,5 @@ def unigram_bpb(data_dir: Path) -> float:
     log_probs = np.log2(counts / counts.sum())
     val_ids = val.window(0, len(val))
     bits = -log_probs[val_ids[1:]].sum()  # the same tokens the model is scored on
-    return float(bits / ((len(val_ids) - 1) * val.bytes_per_token))
+    tokenizer = Tokenizer.from_file(Path(data_dir) / "tokenizer.json")
+    return float(bits / tokenizer.count_bytes(val_ids[1:]))

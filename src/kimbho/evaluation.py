@@ -26,24 +26,29 @@ from .tokenizer import Tokenizer
 def sum_loss(
     model: KimbhoV1Model,
     windows: Iterable[torch.Tensor],
+    tokenizer: Tokenizer,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
-) -> tuple[float, int]:
-    """(total cross-entropy in nats, tokens predicted) over windows of ids (each predicts all but
-    its first token). Windows of equal length are batched together."""
+) -> tuple[float, int, int]:
+    """(total cross-entropy in nats, tokens predicted, UTF-8 bytes of the predicted tokens) over
+    windows of ids (each predicts all but its first token). Windows of equal length are batched
+    together."""
     device = model.embed.weight.device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, num_bytes = 0.0, 0, 0
     pending: list[torch.Tensor] = []
 
     def run(batch: list[torch.Tensor]) -> None:
-        nonlocal total, count
-        chunk = torch.stack(batch).to(device)
+        nonlocal total, count, num_bytes
+        chunk = torch.stack(batch)
+        targets = chunk[:, 1:]
+        num_bytes += tokenizer.count_bytes(targets.reshape(-1).numpy())
+        chunk = chunk.to(device)
         with autocast(device, dtype):
             hidden = model.features(chunk[:, :-1])
             total += linear_cross_entropy(hidden, model.head.weight, chunk[:, 1:], reduction="sum").item()
-        count += chunk[:, 1:].numel()
+        count += targets.numel()
 
     for window in windows:
         if pending and (len(pending) == batch_size or len(window) != len(pending[0])):
@@ -53,16 +58,21 @@ def sum_loss(
     if pending:
         run(pending)
     model.train(was_training)
-    return total, count
+    return total, count, num_bytes
 
 
-def summarize(total_nats: float, tokens: int, num_bytes: float) -> dict[str, float | int]:
-    loss = total_nats / max(1, tokens)
+def summarize(total_nats: float, tokens: int, num_bytes: int) -> dict[str, float | int]:
+    """Loss, perplexity and bits per byte of `tokens` predicted tokens that stand for `num_bytes`
+    bytes of text. No tokens is an error, not a perfect score."""
+    if tokens < 1:
+        raise KimbhoError("nothing was evaluated (0 tokens); evaluate at least one token")
+    loss = total_nats / tokens
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
-        "bits_per_byte": total_nats / math.log(2) / max(1.0, num_bytes),
+        "bits_per_byte": total_nats / math.log(2) / max(1, num_bytes),
         "tokens": tokens,
+        "bytes": num_bytes,
     }
 
 
@@ -73,7 +83,10 @@ def evaluate(
     max_tokens: int | None = None,
     batch_size: int = 8,
 ) -> dict[str, float | int]:
-    """Evaluate on the validation split of a prepared data directory, or on a text file."""
+    """Evaluate on the validation split of a prepared data directory, or on a text file. Bits
+    per byte count the exact bytes of the predicted tokens in both (`Tokenizer.count_bytes`)."""
+    if max_tokens is not None and max_tokens < 1:
+        raise KimbhoError(f"max_tokens must be at least 1 (or unset: everything), got {max_tokens}")
     path = Path(data)
     seq_len = model.config.max_seq_len
     if path.is_dir():
@@ -82,12 +95,14 @@ def evaluate(
             raise KimbhoError(
                 f"{path} was prepared with a different tokenizer than the model's; prepare it again"
             )
-        split = "val" if meta["splits"]["val"]["tokens"] > 1 else "train"
-        stream = TokenStream(path, split)
-        total, count = sum_loss(
-            model, eval_windows(stream.window, len(stream), seq_len, max_tokens), batch_size
-        )
-        return summarize(total, count, count * stream.bytes_per_token)
+        if meta["splits"]["val"]["tokens"] < 2:
+            raise KimbhoError(
+                f"{path} has no validation split to evaluate on; prepare it with --val-fraction above 0, "
+                f"or evaluate on a held-out text file"
+            )
+        stream = TokenStream(path, "val")
+        windows = eval_windows(stream.window, len(stream), seq_len, max_tokens)
+        return summarize(*sum_loss(model, windows, tokenizer, batch_size))
     if not path.is_file():
         raise KimbhoError(
             f"evaluation data {data} does not exist (give a prepared data directory or a text file)"
@@ -104,7 +119,4 @@ def evaluate(
     windows = eval_windows(
         lambda start, length: array[start : start + length], len(array), seq_len, max_tokens
     )
-    total, count = sum_loss(model, windows, batch_size)
-    # Bytes of the text actually predicted: every token after the first, up to the limit.
-    predicted_bytes = len(tokenizer.decode(ids[1 : count + 1]).encode())
-    return summarize(total, count, predicted_bytes)
+    return summarize(*sum_loss(model, windows, tokenizer, batch_size))

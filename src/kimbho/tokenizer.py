@@ -15,9 +15,10 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -139,6 +140,28 @@ class Tokenizer:
             mapped = [to_byte.get(c) for c in token]
             table.append(token.encode() if None in mapped else bytes(mapped))  # type: ignore[arg-type]
         return table
+
+    @functools.cached_property
+    def _byte_lengths(self) -> np.ndarray | None:
+        """UTF-8 bytes each id stands for (special tokens: none), when the decoder is byte-level."""
+        table = self.token_bytes
+        if table is None:
+            return None
+        lengths = np.array([len(b) for b in table], dtype=np.int64)
+        for token_id in self.inner.get_added_tokens_decoder():
+            if token_id < len(lengths) and self.inner.id_to_token(token_id) in self.special_tokens:
+                lengths[token_id] = 0
+        return lengths
+
+    def count_bytes(self, ids: Sequence[int] | np.ndarray) -> int:
+        """UTF-8 bytes of the text `ids` stand for, special tokens counting none: the denominator
+        of bits per byte. Exact per id for a byte-level tokenizer (ids past its table, from a
+        vocabulary padded for speed, stand for nothing); otherwise the length of the decoded text."""
+        lengths = self._byte_lengths
+        if lengths is None:
+            return len(self.decode(np.asarray(ids).tolist(), skip_special_tokens=True).encode())
+        ids = np.asarray(ids, dtype=np.int64)
+        return int(lengths[ids[ids < len(lengths)]].sum())
 
 
 class TextStream:

@@ -18,7 +18,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,9 @@ class Progress:
     elapsed_sec: float = 0.0
     skipped_steps: int = 0  # steps whose update the guard refused (NaN/Inf, spikes)
     best_val_loss: float | None = None  # of checkpoints/best/
+    # Losses of the steps since the last train record: saved, so that a resumed run's next
+    # record averages the same steps as the uninterrupted run's.
+    interval_losses: list[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -367,8 +370,9 @@ class Trainer:
         windows = eval_windows(
             self.val_stream.window, len(self.val_stream), self.seq_len, self.cfg.eval_tokens
         )
-        total, count = sum_loss(self.model, windows, batch_size=self.micro_batch, dtype=self.dtype)
-        return summarize(total, count, count * self.val_stream.bytes_per_token)
+        return summarize(
+            *sum_loss(self.model, windows, self.tokenizer, batch_size=self.micro_batch, dtype=self.dtype)
+        )
 
     def sample_text(self) -> str:
         """A short continuation of the end-of-text token: what the model writes unprompted."""
@@ -394,7 +398,7 @@ class Trainer:
         rng = self.world.gather(_rng_state())
         state = {
             "optimizer": optimizer,
-            "progress": vars(self.progress).copy(),
+            "progress": {**vars(self.progress), "interval_losses": list(self.progress.interval_losses)},
             # The sampler's position, explicitly: batch `next_step` of RandomWindowSampler(seed).
             "data": {
                 "next_step": self.progress.step,
@@ -450,7 +454,7 @@ class Trainer:
             disable=not (self.progress_bar and self.world.is_main) or None,
             dynamic_ncols=True,
         )
-        interval_losses: list[float] = []
+        interval_losses = self.progress.interval_losses
         interval_start, interval_steps = time.perf_counter(), 0
         session_start, elapsed_before = time.perf_counter(), self.progress.elapsed_sec
         last: dict[str, Any] = {}
@@ -491,7 +495,8 @@ class Trainer:
                                 tok_s=f"{tokens_per_sec:.0f}",
                                 mfu=f"{record['mfu']:.0%}",
                             )
-                        interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
+                        interval_losses.clear()
+                        interval_start, interval_steps = time.perf_counter(), 0
                     eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps
                     if eval_due and (result := self.evaluate()) is not None:
                         record = {
