@@ -121,3 +121,32 @@ def test_beam_search_needs_an_idle_engine(tiny_model) -> None:
         beam_search(engine, [5], 3, 4)
     with pytest.raises(ValueError, match="num_beams must be >= 1"):
         beam_search(engine, [5], 0, 4)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(temperature=0.8), dict(top_k=5), dict(top_p=0.9), dict(repetition_penalty=1.2), dict(seed=1)],
+    ids=lambda o: next(iter(o)),
+)
+def test_beam_search_refuses_sampling_options(peaked_model, options: dict) -> None:
+    """Beam search draws nothing and applies no penalties: a sampling option would be silently
+    dropped, so it is refused, naming it."""
+    with pytest.raises(
+        kimbho.KimbhoError, match=f"beam search is deterministic .* drop {next(iter(options))}"
+    ):
+        kimbho.generate(peaked_model, torch.tensor([[5, 6, 7]]), 4, num_beams=3, **options)
+
+
+def test_cli_beam_search_needs_no_sampling_flags(trained_run, capsys) -> None:
+    """`--num-beams 4` alone searches (the CLI's sampling defaults apply to sampling only); an
+    explicit --temperature with beams is refused in one line."""
+    from .conftest import run_cli
+
+    assert run_cli("generate", trained_run, "--prompt", "The", "--max-new-tokens", 6, "--num-beams", 3) == 0
+    searched = capsys.readouterr().out
+    model, tokenizer = kimbho.load(trained_run)
+    expected = "".join(kimbho.stream(model, tokenizer, "The", 6, num_beams=3))
+    assert searched == "The" + expected + "\n"
+    assert run_cli("generate", trained_run, "--prompt", "The", "--num-beams", 3, "--temperature", 0.5) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "drop temperature" in err[0]

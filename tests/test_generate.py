@@ -177,3 +177,40 @@ def test_compiled_decode_step_picks_the_same_tokens(tiny_model, slots: int) -> N
     for event in engine.run([kimbho.Request(p, 20) for p in prompts]):
         rows[event.request_id].append(event.token)
     assert rows == eager
+
+
+def test_a_denormal_repetition_penalty_is_refused(tiny_model) -> None:
+    """Dividing logits by 1e-310 gives infinities and then NaN: refused in the Python API as in
+    the HTTP one, with the same bounds."""
+    for penalty in (1e-310, 0.0, 1e3, float("nan")):
+        with pytest.raises(KimbhoError, match=r"repetition_penalty must be in \[0.01, 100"):
+            kimbho.generate(tiny_model, torch.tensor([[5, 6, 7]]), 4, repetition_penalty=penalty)
+
+
+def test_compiling_decides_the_slot_shapes_too(tiny_model, monkeypatch) -> None:
+    """Where compiling is the default (CUDA), `compile=None` must give the engine the shapes a
+    compiled step reuses: slots of the whole context, a power-of-two slot count. Here the CPU is
+    made to look like such a device; the engine itself runs eager, so the test stays fast."""
+    import kimbho.generation as generation
+
+    built: list[tuple[int, int, bool]] = []
+
+    class Recorded(Engine):
+        def __init__(self, model, tokenizer=None, slots=1, max_len=None, compile=None):  # type: ignore[no-untyped-def]
+            built.append((slots, max_len, compile))
+            super().__init__(model, tokenizer, slots=slots, max_len=max_len, compile=False)
+
+    monkeypatch.setattr(generation, "Engine", Recorded)
+    monkeypatch.setattr(generation, "compile_decode", lambda requested, device: requested is not False)
+    context = tiny_model.config.max_seq_len
+    kimbho.generate_batch(tiny_model, [[5, 6, 7], [8, 9], [10]], 4)
+    kimbho.generate_batch(tiny_model, [[5, 6, 7, 8, 9]], 6)
+    list(kimbho.stream(tiny_model, _tokenizer_for(tiny_model), "ab", 3))
+    assert built == [(4, context, True), (1, context, True), (1, context, True)]
+    kimbho.generate_batch(tiny_model, [[5, 6, 7]], 4, compile=False)
+    assert built[-1] == (1, 7, False)  # eager: only what the sequence needs
+
+
+def _tokenizer_for(model: kimbho.KimbhoV1Model) -> kimbho.Tokenizer:
+    """A byte-level tokenizer small enough for the `tiny` model's vocabulary."""
+    return kimbho.Tokenizer.train(["ab ba abba " * 20], vocab_size=min(300, model.config.vocab_size))

@@ -86,7 +86,7 @@ def test_draws_follow_the_distribution_and_never_pick_a_filtered_token() -> None
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_k=-2), "top_k must be >= 0"),
         (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
-        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be in \[0.01, 100"),
         (dict(presence_penalty=3.0), "presence_penalty must be in"),
     ],
 )

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import KimbhoConfig, RunConfig
+from .device import pick_device, pick_inference_dtype
 from .errors import KimbhoError
 from .model import KimbhoV1Model
 from .tokenizer import Tokenizer
@@ -338,21 +339,27 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     )
 
 
-def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[KimbhoV1Model, Tokenizer]:
+def load(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: str = "auto"
+) -> tuple[KimbhoV1Model, Tokenizer]:
     """`(model, tokenizer)` from a run directory, a checkpoint directory or a local Hugging Face
-    Llama directory. The model is in eval mode."""
+    Llama directory, in eval mode. `device` is `auto|cpu|cuda|cuda:N|mps` (or a torch.device);
+    `dtype` is the weights' precision, `auto|fp32|bf16` (see `device.pick_inference_dtype`:
+    auto keeps the stored precision where the device computes in it natively)."""
+    target = device if isinstance(device, torch.device) else pick_device(device)
     ckpt = resolve_checkpoint(path)
     config_values = _read_json(ckpt / "config.json")
     if config_values.get("format") != "kimbho":
-        from .interop.hf import load_hf_directory
+        from .interop.hf import load_hf_directory, weight_files
 
         model, tokenizer = load_hf_directory(ckpt)
+        stored = _stored_dtype(ckpt / weight_files(ckpt)[0])
     else:
-        if (ckpt / "manifest.json").is_file():
-            verify(ckpt)
+        verify(ckpt)  # a checkpoint without its manifest (written last) may be half-written
         config = read_model_config(ckpt)
         model = KimbhoV1Model(config)
         load_weights(model, ckpt)
+        stored = _stored_dtype(ckpt / "model.safetensors")
         tokenizer_path = ckpt / "tokenizer.json"
         if not tokenizer_path.is_file():
             tokenizer_path = ckpt.parent.parent / "tokenizer.json"  # checkpoints/step-N/ -> run dir
@@ -361,7 +368,23 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tu
         raise KimbhoError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model was built for {model.config.vocab_size}"
         )
-    return model.to(device).eval(), tokenizer
+    weights_dtype = pick_inference_dtype(dtype, stored, target)
+    model.to(target)
+    for param in model.parameters():  # parameters only: the rotary tables stay fp32
+        param.data = param.data.to(weights_dtype)
+    return model.eval(), tokenizer
+
+
+def _stored_dtype(weights: Path) -> torch.dtype:
+    """The floating-point dtype a safetensors file stores its matrices in (read from its header)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            dtype = f.get_slice(name).get_dtype()
+            if dtype in ("BF16", "F16", "F32"):
+                return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+    return torch.float32
 
 
 def _describe_split(fingerprint: dict[str, Any] | None) -> str:

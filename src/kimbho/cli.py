@@ -16,6 +16,10 @@ from .errors import KimbhoError, ReportedElsewhere
 
 log = logging.getLogger("kimbho")
 
+# `kimbho generate` samples unless told otherwise; the Python API is greedy by default.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from .data import CorpusSource
@@ -125,15 +129,31 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def _load(args: argparse.Namespace, dtype: str | None = None):  # type: ignore[no-untyped-def]
+    """The MODEL argument loaded on --device in --dtype (the inference commands' options)."""
     from .checkpoint import load
+
+    return load(args.model, device=getattr(args, "device", "cpu"), dtype=dtype or args.dtype)
+
+
+def _sampling_defaults(args: argparse.Namespace) -> tuple[float | None, float | None]:
+    """--temperature and --top-p as given; unset, 0.8 and 0.95 when sampling, and nothing with
+    beam search (which draws nothing and refuses sampling options)."""
+    if args.num_beams > 1:
+        return args.temperature, args.top_p
+    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+    return temperature, DEFAULT_TOP_P if args.top_p is None else args.top_p
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
     from .generation import stream
 
+    temperature, top_p = _sampling_defaults(args)
     options = dict(
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
+        temperature=0.0 if temperature is None else temperature,
         top_k=args.top_k,
-        top_p=args.top_p,
+        top_p=top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty,
@@ -143,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop=args.stop,
         compile=args.compile or None,
     )
-    model, tokenizer = load(args.model)
+    model, tokenizer = _load(args)
     if args.prompt is not None:
         _print_generation(stream(model, tokenizer, args.prompt, **options), args.prompt, args.stream)  # type: ignore[arg-type]
         return
@@ -179,10 +199,9 @@ def _stdin_prompts() -> Iterator[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .checkpoint import load
     from .evaluation import evaluate
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = _load(args)
     print(json.dumps(evaluate(model, tokenizer, args.data, max_tokens=args.max_tokens)))
 
 
@@ -199,23 +218,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         timeout=args.timeout,
         max_len=args.max_len,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
-    from .checkpoint import load
     from .interop.hf import export_hf
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = _load(args)  # on the CPU: writing a file
     export_hf(model, tokenizer, args.out_dir, force=args.force, max_shard_bytes=args.max_shard_size)
     print(f"wrote {args.out_dir}: a Hugging Face LlamaForCausalLM directory")
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
-    from .checkpoint import load
     from .interop.gguf import export_gguf
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = _load(args, dtype="fp32")  # the file's precision is --dtype, converted from fp32
     name = Path(args.model).resolve().name
     export_gguf(model, tokenizer, args.out, dtype=args.dtype, force=args.force, name=name)
     print(f"wrote {args.out}: GGUF ({args.dtype}), llama architecture")
@@ -325,14 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", help="text to continue; empty starts a new document")
     gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
-    gen.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default 0.8)")
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help=f"0 is greedy (default {DEFAULT_TEMPERATURE})",
+    )
     gen.add_argument("--top-k", type=int, default=None, metavar="K")
-    gen.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling (default 0.95)")
+    gen.add_argument(
+        "--top-p", type=float, default=None, metavar="P", help=f"nucleus sampling (default {DEFAULT_TOP_P})"
+    )
     gen.add_argument("--min-p", type=float, default=None, metavar="P")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R")
     gen.add_argument("--presence-penalty", type=float, default=0.0, metavar="P", help="OpenAI's, in [-2, 2]")
     gen.add_argument("--frequency-penalty", type=float, default=0.0, metavar="P", help="OpenAI's, in [-2, 2]")
-    gen.add_argument("--num-beams", type=int, default=1, metavar="B", help="beam search with B beams")
+    gen.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        metavar="B",
+        help="beam search with B beams (deterministic: no temperature, top-k/p, penalties or seed)",
+    )
     gen.add_argument("--seed", type=int, default=None, metavar="S", help="same seed, same text")
     gen.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="end the text at TEXT (repeatable)"
@@ -343,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile the decode step: ~15 s once per process, then ~4x the tokens/s on a CPU",
     )
+    _add_inference_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text (one JSON object)")
@@ -354,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation split of a data directory, or a text file",
     )
     ev.add_argument("--max-tokens", type=int, default=None, metavar="N", help="evaluate at most N tokens")
+    _add_inference_options(ev)
     ev.set_defaults(func=cmd_eval)
 
     srv = sub.add_parser(
@@ -398,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokens per slot, prompt + output (default: the context)",
     )
+    _add_inference_options(srv)
     srv.set_defaults(func=cmd_serve)
 
     export = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file")
@@ -416,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="split the weights into files of at most SIZE, e.g. 500MB (default 5GB)",
     )
     exp_hf.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    _add_inference_options(exp_hf, device=False, dtype_help="precision of the written weights")
     exp_hf.set_defaults(func=cmd_export_hf)
     exp_gguf = export_sub.add_parser("gguf", help="GGUF file for llama.cpp")
     exp_gguf.add_argument("model", metavar="MODEL", help=model_help)
@@ -433,6 +470,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", metavar="RUN_DIR")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_inference_options(
+    parser: argparse.ArgumentParser, device: bool = True, dtype_help: str = "precision of the weights"
+) -> None:
+    """--device and --dtype, as every inference command takes them (INTERFACE.md)."""
+    from .device import INFERENCE_DTYPES
+
+    if device:
+        parser.add_argument(
+            "--device",
+            default="auto",
+            metavar="DEVICE",
+            help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps (default auto)",
+        )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=INFERENCE_DTYPES,
+        help=f"{dtype_help}: auto keeps the checkpoint's where the device computes it natively (default auto)",
+    )
 
 
 def _version() -> str:

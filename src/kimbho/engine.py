@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device import compile_decode
 from .errors import KimbhoError
 from .model import KimbhoV1Model, KVCache
 from .sampling import SamplingParams, draw, process_logits
@@ -107,8 +108,7 @@ class Engine:
 
     `slots` sequences of up to `max_len` tokens each (prompt + output; default: the model's
     context). `tokenizer` is needed for text in events and for stop strings. `compile`: None
-    picks by device (CUDA yes; CPU no, as compiling costs seconds that a short generation would
-    not win back)."""
+    picks by device (`device.compile_decode`)."""
 
     def __init__(
         self,
@@ -137,7 +137,7 @@ class Engine:
         self._seen: torch.Tensor | None = None  # (slots, vocab) prompt + output tokens, for penalties
         self._counts: torch.Tensor | None = None  # (slots, vocab) output token counts
         self._next_id = 0
-        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self.compiled = compile_decode(compile, self.device)
         self._decode_step = _compiled_decode_step(self.cache, self.device) if self.compiled else decode_step
 
     @property

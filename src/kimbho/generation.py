@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .beam_search import beam_search
+from .device import compile_decode
 from .engine import Engine, Request
 from .errors import KimbhoError
 from .model import KimbhoV1Model
@@ -83,12 +84,12 @@ def generate_batch(
     params = SamplingParams(
         temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
     )
-    if num_beams < 1:
-        raise KimbhoError(f"num_beams must be >= 1, got {num_beams}")
+    _check_beams(num_beams, params, seed)
     stop = (eos_token_id,) if eos_token_id is not None else ()
     requests = [Request(p, max_new_tokens, params, seed, stop) for p in prompts]
     if not requests:
         return []
+    compile = compile_decode(compile, model.embed.weight.device)
     max_len = _slot_length(model, max(len(r.prompt) for r in requests) + max_new_tokens, compile)
     if num_beams > 1:
         engine = Engine(model, slots=num_beams, max_len=max_len, compile=compile)
@@ -136,7 +137,9 @@ def stream(
         temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
     )
     request = Request(ids, max_new_tokens, params, seed, eot, tuple(stop))
+    compile = compile_decode(compile, model.embed.weight.device)
     if num_beams != 1:
+        _check_beams(num_beams, params, seed)
         if stop:
             raise KimbhoError("stop strings are not supported with beam search")
         [row] = generate_batch(
@@ -150,7 +153,35 @@ def stream(
     return (event.text for event in engine.run([request]) if event.text)
 
 
-def _slot_length(model: KimbhoV1Model, needed: int, compile: bool | None) -> int:
+def _check_beams(num_beams: int, params: SamplingParams, seed: int | None) -> None:
+    """At least one beam; and beam search keeps the most likely continuations, drawing nothing
+    and applying no penalties, so sampling options with it would be silently ignored: refused."""
+    if num_beams < 1:
+        raise KimbhoError(f"num_beams must be >= 1, got {num_beams}")
+    if num_beams == 1:
+        return
+    given = [
+        name
+        for name, value, off in (
+            ("temperature", params.temperature, 0.0),
+            ("top_k", params.top_k, None),
+            ("top_p", params.top_p, None),
+            ("min_p", params.min_p, None),
+            ("repetition_penalty", params.repetition_penalty, 1.0),
+            ("presence_penalty", params.presence_penalty, 0.0),
+            ("frequency_penalty", params.frequency_penalty, 0.0),
+            ("seed", seed, None),
+        )
+        if value != off
+    ]
+    if given:
+        raise KimbhoError(
+            f"beam search is deterministic and takes no sampling options: drop {', '.join(given)}, "
+            f"or sample with num_beams=1"
+        )
+
+
+def _slot_length(model: KimbhoV1Model, needed: int, compile: bool) -> int:
     """The engine's slot length: what the longest sequence needs, or with compiling the whole
     context, so that every call reuses the graphs compiled for that shape."""
     context = model.config.max_seq_len

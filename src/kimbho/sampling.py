@@ -16,6 +16,8 @@ from .errors import KimbhoError
 
 # Below this a temperature is greedy, as in vLLM: logits divided by a denormal temperature overflow.
 GREEDY_BELOW = 1e-5
+# CTRL's penalty divides or multiplies logits by it; the HTTP API takes the same range.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,12 @@ class SamplingParams:
             raise KimbhoError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise KimbhoError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise KimbhoError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            # Dividing logits by a denormal penalty overflows them to inf, and then NaN.
+            raise KimbhoError(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] "
+                f"(1 is off), got {self.repetition_penalty}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise KimbhoError(f"{name} must be in [-2, 2] (0 is off), got {getattr(self, name)}")

@@ -307,7 +307,7 @@ def save_weights(hf_state: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
 def load_hf_directory(path: str | Path) -> tuple[KimbhoV1Model, Tokenizer]:
     """`(model, tokenizer)` from a local Hugging Face directory of a Llama model: config.json,
     safetensors weights (one file or shards with their index) and tokenizer.json. Weights are
-    loaded as fp32 whatever their stored dtype."""
+    loaded as fp32 whatever their stored dtype (`checkpoint.load` converts them for --dtype)."""
     path = Path(path)
     values = _read_json(path / "config.json")
     try:
@@ -327,8 +327,34 @@ def load_hf_directory(path: str | Path) -> tuple[KimbhoV1Model, Tokenizer]:
     except KimbhoError as e:
         raise KimbhoError(f"{path}: {e}") from None
     model = KimbhoV1Model(config)
-    model.load_state_dict({name: t.float() for name, t in state.items()})
+    model.load_state_dict(state)  # copied into the model's fp32 parameters
     return model, tokenizer
+
+
+def weight_files(path: Path) -> list[str]:
+    """The safetensors files of a Hugging Face directory: the shards its index names, or
+    model.safetensors. A shard must be a file inside the directory."""
+    if (path / WEIGHTS_INDEX).is_file():
+        weight_map = _read_json(path / WEIGHTS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise KimbhoError(f"{path / WEIGHTS_INDEX} has no weight_map")
+        files = sorted({str(f) for f in weight_map.values()})
+        root = path.resolve()
+        outside = [f for f in files if (root / f).resolve().parent != root]
+        if outside:
+            raise KimbhoError(
+                f"{path / WEIGHTS_INDEX} names weight file {outside[0]!r} outside {path}; shards must "
+                f"be files of the model directory itself"
+            )
+        return files
+    if (path / WEIGHTS).is_file():
+        return [WEIGHTS]
+    if any(path.glob("pytorch_model*.bin")):
+        raise KimbhoError(
+            f"{path} holds PyTorch pickle weights (pytorch_model.bin) only; Kimbho reads safetensors, which "
+            f"cannot run code: convert with AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)"
+        )
+    raise KimbhoError(f"{path} has no {WEIGHTS} or {WEIGHTS_INDEX}: it holds no model weights")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -336,22 +362,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if (path / WEIGHTS_INDEX).is_file():
-        weight_map = _read_json(path / WEIGHTS_INDEX).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise KimbhoError(f"{path / WEIGHTS_INDEX} has no weight_map")
-        files = sorted(set(weight_map.values()))
-    elif (path / WEIGHTS).is_file():
-        files = [WEIGHTS]
-    elif any(path.glob("pytorch_model*.bin")):
-        raise KimbhoError(
-            f"{path} holds PyTorch pickle weights (pytorch_model.bin) only; Kimbho reads safetensors, which "
-            f"cannot run code: convert with AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)"
-        )
-    else:
-        raise KimbhoError(f"{path} has no {WEIGHTS} or {WEIGHTS_INDEX}: it holds no model weights")
     state: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in weight_files(path):
         try:
             state.update(load_file(str(path / file)))
         except FileNotFoundError:

@@ -39,16 +39,23 @@ def require_server_dependencies() -> None:
         ) from None
 
 
-def build_app(model_path: str | os.PathLike[str], api_key: str | None = None, **options: object) -> Any:
-    """The FastAPI application serving `model_path` (run, checkpoint or Hugging Face directory).
-    `api_key` defaults to $KIMBHO_API_KEY; `options` are `ServerOptions` fields (model_name,
-    slots, max_queue, timeout, max_body_bytes, max_len)."""
+def build_app(
+    model_path: str | os.PathLike[str],
+    api_key: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    **options: object,
+) -> Any:
+    """The FastAPI application serving `model_path` (run, checkpoint or Hugging Face directory)
+    on `device` in `dtype` (as `kimbho.load` takes them). `api_key` defaults to $KIMBHO_API_KEY;
+    `options` are `ServerOptions` fields (model_name, slots, max_queue, timeout, max_body_bytes,
+    max_len)."""
     require_server_dependencies()
     from ..chat import ChatFormat
     from ..checkpoint import load, resolve_checkpoint
     from .app import ServerOptions, create_app
 
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(model_path, device=device, dtype=dtype)
     chat = ChatFormat.for_model(tokenizer, resolve_checkpoint(model_path))
     options["model_name"] = options.get("model_name") or Path(model_path).resolve().name
     options["api_key"] = api_key or os.environ.get(API_KEY_ENV) or None

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from ..sampling import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+
 MAX_PROMPTS = 128  # prompts in one completions request
 MAX_STOPS = 16
 MAX_LOGPROBS = 20
@@ -42,8 +44,10 @@ class _Sampling(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    # Bounded away from 0: dividing logits by a denormal penalty gives infinities (found by the fuzzer).
-    repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="CTRL's; 1 is off")
+    # Bounded away from 0 (see `sampling`): a denormal penalty gives infinities (found by the fuzzer).
+    repetition_penalty: float = Field(
+        1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, description="CTRL's; 1 is off"
+    )
     stop: Stop = Field(None, description="up to 16 strings that end the text (not included)")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="same seed, same text")
     n: int = Field(1, ge=1, description="choices per prompt")
