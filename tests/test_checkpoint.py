@@ -191,7 +191,25 @@ def test_resume_refuses_another_model_config(run_copy: Path, data_dir: Path) -> 
         kimbho.Trainer(run, data_dir, run_copy, resume=True, progress_bar=False)
     message = one_line(error)
     assert "model.num_blocks is 2 in the checkpoint but 3 now" in message and "--force-resume" in message
+    # The original settings are in the checkpoint's run.yaml (config.yaml follows the config in use).
+    assert f"see {run_copy / LAST / 'run.yaml'}" in message
     assert (run_copy / "config.yaml").read_bytes() == config_yaml
+
+
+def test_resume_says_an_edited_config_yaml_is_not_read(
+    run_copy: Path, data_dir: Path, kimbho_log: list[str]
+) -> None:
+    config_yaml = run_copy / "config.yaml"
+    config_yaml.write_text(config_yaml.read_text().replace("lr: 0.003", "lr: 0.0001"))
+    kimbho.Trainer(trained_run_config(), data_dir, run_copy, resume=True, progress_bar=False)
+    assert any(
+        f"{config_yaml} differs from this run's config, and training does not read it" in m
+        for m in kimbho_log
+    )
+    assert "lr: 0.0001" not in config_yaml.read_text()  # it records the config in use again
+    kimbho_log.clear()
+    kimbho.Trainer(trained_run_config(), data_dir, run_copy, resume=True, progress_bar=False)
+    assert not any("differs from this run's config" in m for m in kimbho_log)  # unedited: quiet
 
 
 def test_force_resume_overrides_the_refusal(run_copy: Path, data_dir: Path, kimbho_log: list[str]) -> None:

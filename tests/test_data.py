@@ -167,3 +167,37 @@ def test_not_a_data_directory(tmp_path: Path) -> None:
         TokenStream(tmp_path)
     with pytest.raises(KimbhoError, match="does not exist"):
         TokenStream(tmp_path / "missing")
+
+
+def test_corrupt_shards_are_refused_before_training(data_dir: Path, tmp_path: Path) -> None:
+    """Ids past the vocabulary (an IndexError at the first step before) and bit flips that keep
+    ids in range (trained on silently before) are refused, naming the shard or the split, before
+    the run directory exists; train.verify_data=false skips the check."""
+    import shutil
+
+    import kimbho
+
+    from .conftest import tiny_run_config
+
+    for damage, message in (
+        ("out of range", "holds token id 9999, outside"),
+        ("in range", "do not match the SHA-256"),
+    ):
+        data = tmp_path / damage.replace(" ", "-")
+        shutil.copytree(data_dir, data)
+        shard = data / "train-00000.npy"
+        ids = np.load(shard)
+        ids[100] = 9999 if damage == "out of range" else (int(ids[100]) + 1) % 512
+        np.save(shard, ids)
+        out = tmp_path / f"run-{data.name}"
+        with pytest.raises(KimbhoError, match=message) as error:
+            kimbho.Trainer(tiny_run_config(), data, out, progress_bar=False)
+        assert str(shard) in str(error.value) or "train shards" in str(error.value)
+        assert not out.exists()
+    trainer = kimbho.Trainer(
+        tiny_run_config(verify_data="false", max_steps=2),
+        tmp_path / "in-range",
+        tmp_path / "anyway",
+        progress_bar=False,
+    )
+    assert trainer.fit()["train"]["loss"] > 0

@@ -31,7 +31,6 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer.train(
         CorpusSource(args.input, args.text_field).texts(), args.vocab_size, show_progress=True
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
     print(f"wrote {out}: {tokenizer.vocab_size} tokens")
 
@@ -431,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="tokens per slot, prompt + output (default: the context)",
+        help="tokens per slot, prompt + output (default: the context, at most 8192)",
     )
     _add_inference_options(srv)
     srv.set_defaults(func=cmd_serve)

@@ -24,6 +24,11 @@ def _doc(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+# The longest context a config may declare: Llama 3.1's 131,072 fits; its rotary tables take at
+# most 256 MiB at head dimension 128, where 10**12 positions would take terabytes.
+MAX_CONTEXT = 2**18
+
+
 @dataclass
 class KimbhoConfig:
     """Shape of a Kimbho model. Field names and meanings follow the seed README and map one to
@@ -84,6 +89,11 @@ class KimbhoConfig:
         if not 0 <= self.pad_idx < self.vocab_size:
             raise KimbhoError(
                 f"model.pad_idx={self.pad_idx} is outside the vocabulary of {self.vocab_size} tokens"
+            )
+        if self.max_seq_len > MAX_CONTEXT:
+            # Its rotary tables (and any cache of that length) would be allocated in full.
+            raise KimbhoError(
+                f"model.max_seq_len={self.max_seq_len:,} is longer than the {MAX_CONTEXT:,} tokens Kimbho supports"
             )
         if self.rope_base <= 1.0:
             raise KimbhoError(f"model.rope_base must be greater than 1, got {self.rope_base}")
@@ -209,6 +219,13 @@ class TrainConfig:
             "50 steps (0: off; NaN/Inf steps are always skipped)"
         ),
     )
+    verify_data: str = field(
+        default="auto",
+        metadata=_doc(
+            "check the shards before the first step: token ids within the vocabulary, and the SHA-256 "
+            "of each split against meta.json | true | false (auto: the hash only for splits under 2 GB)"
+        ),
+    )
     seed: int = field(default=1337, metadata=_doc("everything random derives from it"))
     precision: str = field(default="auto", metadata=_doc("auto | fp32 | bf16"))
     compile: str = field(default="auto", metadata=_doc("auto | true | false"))
@@ -240,6 +257,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.compile = str(self.compile).lower()  # YAML reads `true` as a bool
+        self.verify_data = str(self.verify_data).lower()
         for name in ("batch_size", "max_steps", "log_every"):
             if getattr(self, name) <= 0:
                 raise KimbhoError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -280,6 +298,7 @@ class TrainConfig:
         choices = {
             "schedule": ("cosine", "wsd", "constant"),
             "precision": ("auto", "fp32", "bf16"),
+            "verify_data": ("auto", "true", "false"),
             "compile": ("auto", "true", "false"),
             "optimizer": ("adamw", "muon"),
             "parallel": ("ddp", "fsdp"),

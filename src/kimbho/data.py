@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +39,7 @@ from .corpus import (
     resolve_inputs,
 )
 from .errors import KimbhoError
+from .staging import check_directory_free, staged_directory
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kimbho")
@@ -94,10 +94,7 @@ def prepare(
         raise KimbhoError(
             "give either a tokenizer (--tokenizer tokenizer.json) or a vocabulary size (--vocab-size N)"
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise KimbhoError(
-            f"output directory {out} already exists and is not empty; choose another or pass --force"
-        )
+    check_directory_free(out, force)  # before the work
     source = CorpusSource(inputs, text_field)
     if tokenizer is None:
         assert vocab_size is not None
@@ -108,19 +105,10 @@ def prepare(
     if tokenizer.eot_id is None:
         raise KimbhoError("the tokenizer has no end-of-text token (<|endoftext|>) to separate documents")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out, force) as tmp:  # the old data stays whole until the new one is
         meta = _write_shards(source, tokenizer, tmp, val_fraction, shard_tokens)
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
@@ -289,6 +277,35 @@ class TokenStream:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(shard.nbytes) for shard in self.shards)
+
+    def verify(self, vocab_size: int, check_hash: bool = True) -> None:
+        """Refuse shards that do not hold what `prepare` wrote: token ids past `vocab_size` (which
+        would fail at the first step, or index garbage), and, with `check_hash`, contents whose
+        SHA-256 differs from meta.json's (bit flips that keep ids in range). Streams through the
+        memory-mapped shards a block at a time."""
+        digest = hashlib.sha256()
+        block = 1 << 24  # tokens: 32-64 MiB at a time
+        for name, shard in zip(self.meta["splits"][self.split]["shards"], self.shards, strict=True):
+            for start in range(0, len(shard), block):
+                piece = np.ascontiguousarray(shard[start : start + block])
+                top = int(piece.max()) if len(piece) else 0
+                if top >= vocab_size:
+                    raise KimbhoError(
+                        f"shard {self.data_dir / name} holds token id {top}, outside the tokenizer's "
+                        f"vocabulary of {vocab_size}: it is corrupt; prepare the data again"
+                    )
+                if check_hash:
+                    digest.update(memoryview(piece))
+        if check_hash and digest.hexdigest() != self.meta["splits"][self.split]["sha256"]:
+            raise KimbhoError(
+                f"the {self.split} shards of {self.data_dir} do not match the SHA-256 in meta.json: a "
+                f"shard is corrupt or was changed; prepare the data again (or train.verify_data=false "
+                f"to train on it anyway)"
+            )
 
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length), across shard boundaries."""

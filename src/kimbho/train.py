@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -43,6 +44,10 @@ from .optim import build_optimizer
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kimbho")
+
+# train.verify_data=auto hashes a split when it is smaller than this (SHA-256 streams at ~1 GB/s
+# on one core: a couple of seconds at most).
+VERIFY_HASH_BELOW = 2 * 10**9
 
 # A checkpoint chosen for resuming: its path, trainer state and weights (read by rank 0).
 Found = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]
@@ -147,6 +152,11 @@ class Trainer:
             self.val_stream = (
                 TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
             )
+            if self.world.is_main and self.cfg.verify_data != "false":
+                for stream in (self.train_data.stream, self.val_stream):
+                    if stream is not None:  # before the run directory exists
+                        check_hash = self.cfg.verify_data == "true" or stream.nbytes < VERIFY_HASH_BELOW
+                        stream.verify(meta["vocab_size"], check_hash)
 
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every process
         self.model = KimbhoV1Model(run.model).to(self.device)
@@ -250,6 +260,7 @@ class Trainer:
                         f"run directory {self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
                     )
                 found = self._find_checkpoint(existing, force) if resume else None
+                self._warn_if_config_file_differs(resume)
                 self.run.save(self.out / "config.yaml")
                 self.tokenizer.save(self.out / "tokenizer.json")
         if self.world.broadcast(found is not None):
@@ -259,6 +270,23 @@ class Trainer:
             if self.world.is_main
             else DiscardedMetrics()
         )
+
+    def _warn_if_config_file_differs(self, resume: bool) -> None:
+        """RUN_DIR/config.yaml records the config in use; training never reads it. A resumed run
+        whose file says otherwise (a user edited it, expecting it to count) is told so."""
+        path = self.out / "config.yaml"
+        if not (resume and path.is_file()):
+            return
+        try:
+            recorded = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            recorded = None
+        if recorded != self.run.to_dict():
+            log.warning(
+                f"{path} differs from this run's config, and training does not read it (settings come from "
+                f"--config, --preset and key=value; each checkpoint's run.yaml holds those it was made with): "
+                f"it now records the config in use"
+            )
 
     def _find_checkpoint(self, existing: list[Path], force: bool) -> Found | None:
         """The newest checkpoint that loads; unusable ones are set aside with a warning."""
@@ -283,7 +311,7 @@ class Trainer:
         if refusals and not force:
             raise KimbhoError(
                 f"cannot resume from {ckpt}: {'; '.join(refusals)}. Use the run's original settings "
-                f"(see {self.out / 'config.yaml'}) or pass --force-resume to continue anyway"
+                f"(see {ckpt / 'run.yaml'}) or pass --force-resume to continue anyway"
             )
         if refusals:
             log.warning(f"--force-resume: continuing from {ckpt} although {'; '.join(refusals)}")

@@ -24,9 +24,9 @@ import torch
 from ..config import KimbhoConfig
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
+from ..staging import staged_file
 from ..tokenizer import Tokenizer
 from .hf import expand_layers, special_tokens, split_fused
-from .output import staged_file
 
 # Kimbho name -> GGUF name for every tensor that maps one to one; {i} is the layer.
 _RENAMES = {
