@@ -47,9 +47,19 @@ TRAIN_ARGS = [
 ]
 TOLERANCE = 1e-4
 # The runs use train.precision=auto. In bf16 the weights of 1 and 2 processes drift further apart
-# (sums of bf16 products in another order; Newton-Schulz in bf16): 1.9e-4 after 6 steps, measured
-# with bf16 forced on an AVX2 Zen 3, against ~0.02 for the weights themselves.
-WEIGHT_TOLERANCE = 1e-3 if pick_precision("auto", torch.device("cpu")) == torch.bfloat16 else TOLERANCE
+# (sums of bf16 products in another order; Newton-Schulz in bf16): a few elements by up to 1.2e-3
+# after 6 steps (measured with bf16 forced on an AVX2 Zen 3), where the weights are ~0.02; so bf16
+# compares each tensor as a whole.
+BF16 = pick_precision("auto", torch.device("cpu")) == torch.bfloat16
+
+
+def assert_same_weights(got: torch.Tensor, want: torch.Tensor) -> None:
+    if BF16:
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+    else:
+        torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+
+
 # The optimizer each parallel mode is tested with: Muon (the default) needs whole matrices, so
 # FSDP runs AdamW (a Muon run under FSDP is refused).
 OPTIMIZER = {"ddp": "muon", "fsdp": "adamw"}
@@ -139,7 +149,7 @@ def test_two_processes_match_one_step_for_step(
     a, b = weights(one), weights(two_processes)
     assert a.keys() == b.keys() and not any(k.startswith(("module.", "_orig_mod.", "model.")) for k in b)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=WEIGHT_TOLERANCE, rtol=0)
+        assert_same_weights(b[name], a[name])
     state = torch.load(two_processes / "checkpoints" / f"step-{STEPS:08d}" / "trainer.pt", weights_only=True)
     assert len(state["rng_by_rank"]) == 2 and state["progress"]["step"] == STEPS
     assert set(state["optimizer"]["state"]) == set(a)  # whole optimizer state, by parameter name

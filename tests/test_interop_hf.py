@@ -210,11 +210,18 @@ def test_transformers_llama_directory_loads_with_the_same_logits(
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-5
 
 
-def test_bf16_directory_loads_as_fp32(tokenizer: kimbho.Tokenizer, tmp_path: Path) -> None:
+def test_bf16_directory_loads_in_the_precision_asked_for(tokenizer: kimbho.Tokenizer, tmp_path: Path) -> None:
+    """--dtype fp32 widens the stored bf16 exactly; auto keeps bf16 where this CPU runs it natively."""
+    from kimbho.device import fast_bf16
+
     hf = _transformers_llama_dir(tokenizer, tmp_path, dtype=torch.bfloat16)
-    model, _ = kimbho.load(tmp_path)
+    model, _ = kimbho.load(tmp_path, dtype="fp32")
     assert model.embed.weight.dtype == torch.float32
     assert torch.equal(model.embed.weight, hf.model.embed_tokens.weight.float())
+    auto, _ = kimbho.load(tmp_path)
+    native = fast_bf16(torch.device("cpu"))
+    assert auto.embed.weight.dtype == (torch.bfloat16 if native else torch.float32)
+    assert torch.equal(auto.embed.weight.float(), model.embed.weight)
 
 
 def test_every_model_command_takes_a_transformers_directory(
@@ -370,3 +377,63 @@ def test_export_commands_answer_help(capsys: pytest.CaptureFixture[str]) -> None
             run_cli("export", fmt, "--help")
         assert exit_info.value.code == 0
         assert "usage: kimbho export" in capsys.readouterr().out
+
+
+# A hostile or broken model directory: one clear line, before anything large is allocated.
+def _edit_config(path: Path, **changes: object) -> None:
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(num_hidden_layers=1_000_000), "declares 1,000,000 layers, but the weights hold 2"),
+        (dict(intermediate_size=10**9), r"has shape \(64, 160\), but config.json implies \(64, 1000000000\)"),
+        (dict(max_position_embeddings=10**12), "longer than the 262,144 tokens Kimbho supports"),
+    ],
+    ids=["a million layers", "a huge MLP", "a context of 10**12"],
+)
+def test_a_config_that_does_not_fit_its_weights_is_refused_at_once(
+    changes: dict, message: str, tokenizer: kimbho.Tokenizer, tmp_path: Path, capsys
+) -> None:
+    import resource
+    import time
+
+    _transformers_llama_dir(tokenizer, tmp_path)
+    _edit_config(tmp_path, **changes)
+    capsys.readouterr()  # transformers' progress bar
+    start, rss = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(KimbhoError, match=message):
+        kimbho.load(tmp_path)
+    print(f"\n{changes}: refused in {time.perf_counter() - start:.3f} s")
+    assert time.perf_counter() - start < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200_000  # KiB: nothing large was built
+    assert run_cli("generate", tmp_path, "--prompt", "x") == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_deeply_nested_config_is_one_line(tokenizer: kimbho.Tokenizer, tmp_path: Path, capsys) -> None:
+    _transformers_llama_dir(tokenizer, tmp_path)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    capsys.readouterr()
+    assert run_cli("generate", tmp_path, "--prompt", "x") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nested too deeply" in err[0], err
+
+
+def test_weight_shards_outside_the_directory_are_refused(tokenizer: kimbho.Tokenizer, tmp_path: Path) -> None:
+    model_dir = tmp_path / "models" / "llama"
+    _transformers_llama_dir(tokenizer, model_dir, max_shard_size="100KB")
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    first = next(iter(index["weight_map"]))
+    shard = index["weight_map"][first]
+    (model_dir / shard).rename(elsewhere / shard)
+    index["weight_map"] = {
+        k: (f"../../elsewhere/{v}" if v == shard else v) for k, v in index["weight_map"].items()
+    }
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(KimbhoError, match="outside .*shards must be files of the model directory itself"):
+        kimbho.load(model_dir)

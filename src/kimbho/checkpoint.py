@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ BEST = "best"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
 _SET_ASIDE_PREFIX = "unusable-"
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # HF's and Kimbho's names
 
 
 class CorruptCheckpoint(KimbhoError):
@@ -357,6 +359,7 @@ def load(
     else:
         verify(ckpt)  # a checkpoint without its manifest (written last) may be half-written
         config = read_model_config(ckpt)
+        _check_shapes(config, weight_shapes([ckpt / "model.safetensors"]), ckpt / "model.safetensors")
         model = KimbhoV1Model(config)
         load_weights(model, ckpt)
         stored = _stored_dtype(ckpt / "model.safetensors")
@@ -373,6 +376,45 @@ def load(
     for param in model.parameters():  # parameters only: the rotary tables stay fp32
         param.data = param.data.to(weights_dtype)
     return model.eval(), tokenizer
+
+
+def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in safetensors `files`, from their headers alone."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"weight file {file} is missing") from None
+        except (OSError, SafetensorError) as e:
+            raise CorruptCheckpoint(f"cannot read weights {file}: {_reason(e)}") from None
+    return shapes
+
+
+def check_layer_count(config: KimbhoConfig, names: Iterable[str], config_file: Path) -> None:
+    """Refuse a config that declares more layers than the weights hold, before anything is built
+    for it (a million layers would take minutes to build even as shapes, and terabytes as weights)."""
+    held = {int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))}
+    if config.num_blocks > len(held):
+        raise KimbhoError(
+            f"{config_file} declares {config.num_blocks:,} layers, but the weights hold {len(held):,}: "
+            f"the config does not describe these weights"
+        )
+
+
+def _check_shapes(config: KimbhoConfig, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """The shapes `config` implies against those stored, before the model is allocated."""
+    check_layer_count(config, shapes, path.parent / "config.json")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = {n: tuple(t.shape) for n, t in KimbhoV1Model(config).state_dict().items()}
+    for name, shape in expected.items():
+        stored = shapes.get(name, shapes.get("embed.weight") if name == "head.weight" else None)
+        if stored is not None and stored != shape:
+            raise KimbhoError(f"weights {path}: {name} has shape {stored}, the config needs {shape}")
 
 
 def _stored_dtype(weights: Path) -> torch.dtype:
@@ -398,6 +440,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise CorruptCheckpoint(f"{path} is missing or not valid JSON") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise CorruptCheckpoint(f"{path} is nested too deeply to be a model config") from None
     if not isinstance(value, dict):
         raise CorruptCheckpoint(f"{path} does not hold a JSON object")
     return value

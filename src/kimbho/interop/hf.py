@@ -28,8 +28,8 @@ import torch
 from ..config import KimbhoConfig
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
+from ..staging import staged_directory
 from ..tokenizer import Tokenizer
-from .output import staged_directory
 
 # Kimbho name -> Hugging Face name for every tensor that maps one to one; {i} is the layer.
 _RENAMES = {
@@ -321,7 +321,10 @@ def load_hf_directory(path: str | Path) -> tuple[KimbhoV1Model, Tokenizer]:
             f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
         )
     tokenizer = Tokenizer.from_file(tokenizer_file)
-    weights = read_weights(path)
+    from ..checkpoint import check_layer_count, weight_shapes
+
+    check_layer_count(config, weight_shapes([path / f for f in weight_files(path)]), path / "config.json")
+    weights = read_weights(path)  # then from_hf checks every shape against the config
     try:
         state = from_hf(weights, config)
     except KimbhoError as e:
@@ -383,6 +386,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         raise KimbhoError(f"{path} is missing or not valid JSON") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise KimbhoError(f"{path} is nested too deeply to be a model file") from None
     if not isinstance(value, dict):
         raise KimbhoError(f"{path} does not hold a JSON object")
     return value
