@@ -254,6 +254,24 @@ BAD_REQUESTS = [
     ("out-of-vocabulary token id", COMPLETIONS, {"prompt": [5, 512]}, 400, "prompt"),
     ("negative token id", COMPLETIONS, {"prompt": [5, -1]}, 400, "prompt"),
     ("float token id", COMPLETIONS, {"prompt": [5, 1.5]}, 400, "prompt"),
+    # JSON's \ud800 escapes decode to lone surrogates: not text (they were a 500).
+    ("lone surrogate in a prompt", COMPLETIONS, {"prompt": "a\ud800b"}, 400, "prompt"),
+    ("lone surrogate in a prompt list", COMPLETIONS, {"prompt": ["ok", "\udfff"]}, 400, "prompt"),
+    ("lone surrogate in a stop string", COMPLETIONS, {"prompt": "x", "stop": ["\ud800"]}, 400, "stop"),
+    (
+        "lone surrogate in a message",
+        CHAT,
+        {"messages": [{"role": "user", "content": "\ud800"}]},
+        400,
+        "messages",
+    ),
+    (
+        "lone surrogate in a content part",
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "x\udc00"}]}]},
+        400,
+        "messages",
+    ),
     ("empty messages", CHAT, {"messages": []}, 400, "messages"),
     ("missing messages", CHAT, {"max_tokens": 3}, 400, "messages"),
     ("unknown role", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
@@ -279,6 +297,67 @@ def test_bad_request(server, what, route, body, status, param) -> None:  # type:
     assert error["param"] == param
     if what == "prompt + max_tokens over the context":
         assert "60" in error["message"] and "10" in error["message"] and "64" in error["message"]
+
+
+def test_a_lone_surrogate_is_named(server) -> None:  # type: ignore[no-untyped-def]
+    r = httpx.post(
+        server[0] + COMPLETIONS, content='{"prompt": "\\ud800"}', headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400 and "lone surrogate (U+D800)" in r.json()["error"]["message"], r.text
+
+
+# Templates ship with imported models: whatever they do is the model's fault, and a 400.
+BROKEN_TEMPLATES = {
+    "ZeroDivisionError": "{{ 1 // 0 }}",
+    "RecursionError": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "TypeError": "{{ messages + 1 }}",
+    "rendered nothing": "{% if false %}x{% endif %}",
+    "more than 16,777,216 characters": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("reason", list(BROKEN_TEMPLATES))
+def test_a_failing_chat_template_is_a_400(tokenizer, reason: str) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(
+        _model(), tokenizer, ServerOptions(model_name="tiny"), ChatFormat(tokenizer, BROKEN_TEMPLATES[reason])
+    )
+    with running_server(app) as url:
+        r = httpx.post(url + CHAT, json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages" and reason in r.json()["error"]["message"]
+
+
+def test_a_slow_chat_template_neither_stalls_the_server_nor_runs_unbounded(tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Rendering runs off the event loop: /health answers while a ~2 s template renders, and the
+    request gets a 400 once the time limit (lowered here) has passed."""
+    import kimbho.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "TEXT_SECONDS", 0.5)
+    slow = "{% for m in messages %}{% for i in range(100000) %}{% for j in range(200) %}{% endfor %}{% endfor %}{% endfor %}x"
+    app = create_app(_model(), tokenizer, ServerOptions(model_name="tiny"), ChatFormat(tokenizer, slow))
+    with running_server(app) as url:
+        result: dict[str, httpx.Response] = {}
+        thread = threading.Thread(
+            target=lambda: result.setdefault(
+                "r",
+                httpx.post(url + CHAT, json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60),
+            )
+        )
+        thread.start()
+        time.sleep(0.2)  # the template is rendering now
+        latencies = []
+        with httpx.Client(base_url=url, timeout=10) as http:
+            for _ in range(10):
+                start = time.perf_counter()
+                assert http.get("/health").status_code == 200
+                latencies.append(time.perf_counter() - start)
+        thread.join()
+    print(
+        f"\n/health while a slow template renders: median {sorted(latencies)[5] * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
+    )
+    assert max(latencies) < 0.25  # 100 ms on a quiet machine; slack for a shared one
+    r = result["r"]
+    assert r.status_code == 400 and "took longer than 0.5 s" in r.json()["error"]["message"], r.text
 
 
 def test_bad_request_through_the_openai_client(client) -> None:  # type: ignore[no-untyped-def]
@@ -471,6 +550,52 @@ def test_full_queue_answers_429(tokenizer) -> None:  # type: ignore[no-untyped-d
             assert http.post(COMPLETIONS, json=body).status_code == 200  # room again
 
 
+def test_a_queued_request_whose_client_left_leaves_the_queue(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """One slot, a queue of one. The slot is busy; a non-streaming request waits in the queue and
+    its client gives up: the server drops it from the queue, so the next request is queued (not
+    refused with 429) and answered."""
+    app = _app(tokenizer, slots=1, max_queue=1)
+    worker = app.state.worker
+    gate = Gate(worker)
+    with running_server(app) as url:
+        body = {"prompt": "x", "max_tokens": 4}
+        with httpx.Client(base_url=url, timeout=60) as http:
+            results: list[httpx.Response] = []
+            first = threading.Thread(target=lambda: results.append(http.post(COMPLETIONS, json=body)))
+            first.start()
+            _wait_for(lambda: gate.steps == 1, "the first request in its slot")
+            with pytest.raises(httpx.ReadTimeout):  # the client waits 0.5 s, then hangs up
+                httpx.post(url + COMPLETIONS, json=body, timeout=0.5)
+            _wait_for(lambda: worker.stats.waiting == 0, "the abandoned request to leave the queue")
+            third = threading.Thread(target=lambda: results.append(http.post(COMPLETIONS, json=body)))
+            third.start()
+            _wait_for(lambda: worker.stats.waiting == 1, "the third request queued")
+            gate.open()
+            first.join()
+            third.join()
+            assert [r.status_code for r in results] == [200, 200]
+
+
+def test_shutdown_ends_open_streams_with_an_error_and_done(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """What `kimbho serve` does on SIGTERM, before uvicorn waits for connections: a stream in
+    flight gets an error event and [DONE] (it was cut with neither), new requests a 503."""
+    app = _app(tokenizer, slots=1)
+    gate = Gate(app.state.worker, after=2)
+    with running_server(app) as url:
+        body = {"prompt": "x", "max_tokens": 60, "stream": True}
+        with httpx.stream("POST", url + COMPLETIONS, json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line)
+            assert next(lines).startswith("data: {")  # generating; the engine is held at the gate
+            app.state.begin_shutdown()
+            rest = list(lines)
+        gate.open()
+        assert rest[-1] == "data: [DONE]"
+        errors = [json.loads(line[6:]) for line in rest[:-1] if '"error"' in line]
+        assert errors and "shutting down" in errors[-1]["error"]["message"]
+        late = httpx.post(url + COMPLETIONS, json={"prompt": "x", "max_tokens": 2}, timeout=60)
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
+
+
 def test_disconnect_stops_generation_and_frees_the_slot(tokenizer) -> None:  # type: ignore[no-untyped-def]
     app = _app(tokenizer, slots=1)
     worker = app.state.worker
@@ -512,3 +637,17 @@ def test_request_timeout(tokenizer) -> None:  # type: ignore[no-untyped-def]
             url + COMPLETIONS, json={"prompt": "x", "max_tokens": 5, "stream": True}, timeout=60
         )
         assert stream.status_code == 200 and stream.text.endswith("data: [DONE]\n\n")
+
+
+def test_slots_are_sized_by_a_bounded_default_not_the_declared_context(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The cache is allocated for every slot at full length: a model declaring a long context
+    gets slots of 8192 tokens unless --max-len asks for more."""
+    from kimbho.serve.app import DEFAULT_MAX_LEN
+
+    model = kimbho.KimbhoV1Model(KimbhoConfig.from_preset("tiny", max_seq_len=4 * DEFAULT_MAX_LEN)).eval()
+    app = create_app(model, tokenizer, ServerOptions(slots=2), ChatFormat(tokenizer))
+    assert app.state.worker.engine.max_len == DEFAULT_MAX_LEN
+    app = create_app(
+        model, tokenizer, ServerOptions(slots=1, max_len=3 * DEFAULT_MAX_LEN), ChatFormat(tokenizer)
+    )
+    assert app.state.worker.engine.max_len == 3 * DEFAULT_MAX_LEN

@@ -26,6 +26,8 @@ from .errors import KimbhoError
 from .tokenizer import _EOT_NAMES, EOT, Tokenizer
 
 ROLES = ("system", "user", "assistant")
+# A rendered prompt longer than this is refused: 8x the server's largest request body.
+MAX_RENDERED_CHARS = 16 * 1024 * 1024
 
 
 class ChatFormat:
@@ -92,16 +94,30 @@ class ChatFormat:
         from jinja2 import TemplateError
 
         special = {t.content: t.content for t in self.tokenizer.inner.get_added_tokens_decoder().values()}
+        pieces, size = [], 0
         try:
-            text = self._compiled.render(
+            # Rendered piece by piece, so a template that writes without end stops at the bound
+            # rather than when memory runs out.
+            for piece in self._compiled.generate(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=True,
                 bos_token=_first(special, ("<s>", "<|begin_of_text|>", "<bos>")),
                 eos_token=_first(special, _EOT_NAMES),
-            )
+            ):
+                pieces.append(piece)
+                size += len(piece)
+                if size > MAX_RENDERED_CHARS:
+                    raise KimbhoError(
+                        f"the chat template rendered more than {MAX_RENDERED_CHARS:,} characters for these messages"
+                    )
+        except KimbhoError:
+            raise
         except TemplateError as e:  # SecurityError, UndefinedError and raise_exception among them
             raise KimbhoError(f"the chat template refused the messages: {e}") from None
-        return self._special_encoder.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # templates ship with imported models: any bug of theirs is named
+            raise KimbhoError(f"the model's chat template failed ({type(e).__name__}: {e})") from None
+        # The batch call releases the GIL (see `Tokenizer.encode`).
+        return self._special_encoder.encode_batch_fast(["".join(pieces)], add_special_tokens=False)[0].ids
 
 
 def read_chat_template(model_dir: Path) -> str | None:

@@ -82,7 +82,15 @@ def serve(
         f"{'API key required' if settings.api_key else 'no API key'}; chat format: "
         f"{'none' if chat is None else 'chat_template' if chat.template else 'role tokens'})"
     )
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Before uvicorn waits for open connections: streams in flight end with an error event
+            # and [DONE] rather than being cut when the grace period runs out.
+            app.state.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
 
 
 def listen(host: str, port: int) -> socket.socket:

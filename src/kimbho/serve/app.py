@@ -51,13 +51,16 @@ from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("kimbho")
 
+DEFAULT_MAX_LEN = 8192  # tokens per slot unless --max-len says otherwise
+
 
 @dataclass
 class ServerOptions:
     """How the server runs. `slots`: sequences decoded together; `max_queue`: requests that may
     wait for a slot before new ones get 429; `timeout`: seconds a request may take, waiting
     included; `max_body_bytes`: larger request bodies get 413; `max_len`: tokens per slot (prompt
-    + output; default the model's context)."""
+    + output; default the model's context, at most `DEFAULT_MAX_LEN`: the cache is allocated for
+    every slot at full length, and an imported model may declare a context of 128k tokens)."""
 
     model_name: str = "kimbho"
     api_key: str | None = None
@@ -95,7 +98,12 @@ def create_app(
     """The server for one model. The generation worker starts and stops with the application
     (its lifespan); `app.state.worker` exposes it (and its `stats`)."""
     options = options or ServerOptions()
-    engine = Engine(model, tokenizer, slots=options.slots, max_len=options.max_len)
+    max_len = options.max_len or min(model.config.max_seq_len, DEFAULT_MAX_LEN)
+    if max_len < model.config.max_seq_len and not options.max_len:
+        log.info(
+            f"slots hold {max_len:,} tokens of the model's {model.config.max_seq_len:,} (raise with --max-len)"
+        )
+    engine = Engine(model, tokenizer, slots=options.slots, max_len=max_len)
     worker = Worker(engine, options.max_queue)
     service = _Service(worker, tokenizer, chat_format, options)
 
@@ -114,6 +122,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.worker, app.state.options, app.state.chat = worker, options, chat_format
+    app.state.begin_shutdown = service.begin_shutdown
 
     def openapi() -> dict[str, Any]:
         """The generated schema, with `model` narrowed to the one model served here."""
@@ -186,6 +195,16 @@ class _Service:
         self.vocab = self.engine.model.config.vocab_size
         self.created = int(time.time())
         self.token_bytes = tokenizer.token_bytes
+        self.live: set[Job] = set()  # jobs whose handler is waiting on their events
+        self.stopping = False
+
+    def begin_shutdown(self) -> None:
+        """The server is stopping (SIGTERM): every request in flight ends now, a stream with an
+        error event and `[DONE]`, a plain request with a 503; new requests get a 503. Safe to call
+        from any thread."""
+        self.stopping = True
+        for job in list(self.live):
+            job.loop.call_soon_threadsafe(job.events.put_nowait, _shutting_down())
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -208,7 +227,7 @@ class _Service:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self.check_model(body.model)
-        prompts = self._prompt_ids(body.prompt)
+        prompts = await _off_the_loop(self._prompt_ids, body.prompt, "tokenizing the prompt", "prompt")
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
         requests = [self._engine_request(body, ids, max_tokens, body.logprobs) for ids in prompts]
         job = self._submit(requests)
@@ -254,10 +273,11 @@ class _Service:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
         ]
-        try:
-            ids = self.chat_format.encode(messages)
-        except KimbhoError as e:
-            raise APIError(400, str(e), "messages") from None
+        ids = await _off_the_loop(
+            self.chat_format.encode, messages, "rendering the chat template", "messages"
+        )
+        if not ids:
+            raise APIError(400, "the model's chat template rendered nothing for these messages", "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # as OpenAI: the reply may fill what the context leaves
             max_tokens = max(self.engine.max_len - len(ids), 1)
@@ -357,6 +377,8 @@ class _Service:
         )
 
     def _submit(self, requests: list[EngineRequest]) -> Job:
+        if self.stopping:
+            raise _shutting_down()
         try:
             return self.worker.submit(requests)
         except QueueFull as e:
@@ -371,6 +393,7 @@ class _Service:
         job if the consumer stops early (a disconnect) or the deadline passes."""
         remaining = sum(r.n for r in requests)
         deadline = time.monotonic() + self.options.timeout
+        self.live.add(job)
         try:
             while remaining:
                 try:
@@ -388,24 +411,25 @@ class _Service:
                     remaining -= pair[1].finish_reason is not None
                     yield pair
         finally:
+            self.live.discard(job)
             if remaining:
                 self.worker.cancel(job)
 
     async def _collect(
         self, job: Job, requests: list[EngineRequest], request: Request
     ) -> list[list[list[TokenEvent]]]:
-        """Every event, per prompt and sample. A client that hangs up stops the generation."""
+        """Every event, per prompt and sample. A client that hangs up stops the generation, or
+        leaves the queue if it was still waiting there (so it holds no place a new request needs)."""
         outputs: list[list[list[TokenEvent]]] = [[[] for _ in range(r.n)] for r in requests]
-        checked = time.monotonic()
+        watcher = asyncio.create_task(_watch_for_hang_up(request, job))
         events = self._events(job, requests)
         try:
             async for p, event in events:
                 outputs[p][event.index].append(event)
-                if time.monotonic() - checked > 0.5:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        break
+        except _ClientGone:
+            pass  # nobody reads the answer; _events has cancelled the job
         finally:
+            watcher.cancel()
             await events.aclose()
         return outputs
 
@@ -527,3 +551,39 @@ def _version() -> str:
 def _finish(events: list[TokenEvent]) -> str | None:
     """A sequence's finish reason (None only when its client hung up before the end)."""
     return events[-1].finish_reason if events else None
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry the request shortly", None, "server_error")
+
+
+class _ClientGone(Exception):
+    """Put on a job's event queue when its (non-streaming) client has hung up."""
+
+
+async def _watch_for_hang_up(request: Request, job: Job, every: float = 0.25) -> None:
+    """Until cancelled, check whether the client of `request` has disconnected; if so, wake the
+    handler waiting on `job`'s events (queued jobs get none) with `_ClientGone`."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    job.events.put_nowait(_ClientGone())
+
+
+# How long tokenizing a request's text or rendering its chat template may take. Both run in a
+# worker thread, so the event loop (and /health) stays responsive meanwhile; a thread that runs
+# past this limit cannot be stopped and finishes in the background, but its request gets a 400.
+TEXT_SECONDS = 10.0
+
+
+async def _off_the_loop(work: Callable[[Any], Any], argument: Any, what: str, param: str) -> Any:
+    """`work(argument)` in a worker thread, with a time limit; a failure (the template's or the
+    tokenizer's, whatever its kind) is a 400 naming `param`, never a 500."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(work, argument), TEXT_SECONDS)
+    except APIError:
+        raise
+    except TimeoutError:
+        raise APIError(400, f"{what} took longer than {TEXT_SECONDS:g} s; send less text", param) from None
+    except Exception as e:  # a request's text is the user's input: whatever it breaks is a 4xx
+        reason = str(e) if isinstance(e, KimbhoError) else f"{type(e).__name__}: {e}"
+        raise APIError(400, f"{what} failed: {reason[:300]}", param) from None

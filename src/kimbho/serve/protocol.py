@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from ..sampling import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
@@ -20,8 +20,23 @@ MAX_STOPS = 16
 MAX_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, for completions (null means it too)
 
+
+def _unicode_scalars(text: str) -> str:
+    """JSON's \\ud800 escapes decode to lone surrogates, which are not text: no tokenizer or UTF-8
+    encoder takes them. Refused at validation, so the error names the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"holds a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}: not valid Unicode text"
+        ) from None
+    return text
+
+
+# Every string of a request: strict (no numbers as strings) and valid Unicode.
+Text = Annotated[StrictStr, AfterValidator(_unicode_scalars)]
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
-Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None
+Stop = Text | Annotated[list[Text], Field(max_length=MAX_STOPS)] | None
 
 
 class StreamOptions(BaseModel):
@@ -62,8 +77,8 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions"""
 
     prompt: (
-        StrictStr
-        | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)]
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     ) = Field(description="a string, a list of strings, a list of token ids, or a list of those")
@@ -78,14 +93,14 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[ContentPart]
+    content: Text | list[ContentPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -111,7 +126,8 @@ def describe_validation_error(errors: Any) -> tuple[int, str, str | None]:
     """Status, one line and the field for FastAPI's validation errors (the first one)."""
     if not errors:
         return 400, "invalid request", None
-    e = errors[0]
+    # A value refused by one of our validators (a lone surrogate) says more than the union's shapes.
+    e = next((x for x in errors if x.get("type") == "value_error"), errors[0])
     loc = [x for x in e.get("loc", ()) if x != "body"]
     kind = e.get("type")
     if kind == "json_invalid":
@@ -125,6 +141,9 @@ def describe_validation_error(errors: Any) -> tuple[int, str, str | None]:
     if not loc:
         return 400, "the request body must be a JSON object", None
     param = str(loc[0])
+    if kind == "value_error":
+        where = ".".join(str(x) for x in loc if not str(x).startswith(("str", "list[")))
+        return 400, f"{where}: {str(e.get('msg', '')).removeprefix('Value error, ')}", param
     if param in _SHAPES and len(loc) > 1:  # every member of the union failed: name the shapes it takes
         return 400, f"{param}: {_SHAPES.get(param, 'has the wrong type')}", param
     where = ".".join(str(x) for x in loc)

@@ -103,11 +103,18 @@ class Worker:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Stop `job`'s generation and free its slots (safe to call more than once)."""
+        """Stop `job`'s generation and free its slots (safe to call more than once). A job still
+        waiting leaves the queue at once, even while the engine is busy with a step."""
         with self._cond:
             if not job.cancelled:
                 job.cancelled = True
-                self._to_cancel.append(job)
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                    self.stats.waiting = len(self._waiting)
+                if job.admitted:  # some of its requests hold slots: the worker frees them
+                    self._to_cancel.append(job)
+                else:
+                    self.stats.cancelled += 1
                 self._cond.notify()
 
     # The worker thread.
@@ -120,9 +127,6 @@ class Worker:
                 if self._stop:
                     return
                 cancels, self._to_cancel = self._to_cancel, []
-                for job in cancels:
-                    if job in self._waiting:
-                        self._waiting.remove(job)
             try:
                 for job in cancels:
                     self._drop(job)
