@@ -5,7 +5,7 @@ batch) against Hugging Face `LlamaForCausalLM` with a standard recipe (AdamW as 
 sets it up by default: fused kernel, betas 0.9/0.999, no weight decay, gradient clipping at 1.0;
 cosine decay from lr 3e-4 without warm-up), on the same model (`small` preset), the same
 tokenizer and data, the same batch size and sequence length, the same validation set, in fp32
-(bf16 is emulated and ~60x slower on a CPU without AMX; see README). The clock counts training
+(bf16 is emulated and ~60x slower on a CPU without AMX; see docs/performance.md). The clock counts training
 only: it stops while the validation set is scored (every `--eval-every` seconds), for both.
 
 Both recipes decay their learning rate over the whole budget: after 10 steps each measures its

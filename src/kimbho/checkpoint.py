@@ -129,7 +129,7 @@ def save_checkpoint(
 
 def _save_weights(weights: dict[str, torch.Tensor], config: KimbhoConfig, path: Path) -> None:
     # Tied embeddings are one tensor under two names: store it once, as the embedding
-    # (`load_weights` restores the head from it), which is what safetensors' save_model does.
+    # (`read_weights` restores the head from it), which is what safetensors' save_model does.
     tensors = {
         name: tensor.contiguous()
         for name, tensor in weights.items()
@@ -225,11 +225,6 @@ def read_model_config(ckpt: Path) -> KimbhoConfig:
     values = _read_json(ckpt / "config.json")
     values.pop("format", None)
     return KimbhoConfig.from_dict(values)
-
-
-def load_weights(model: KimbhoV1Model, ckpt: Path) -> None:
-    """Load model.safetensors into `model`, refusing missing, extra or misshapen tensors."""
-    model.load_state_dict(read_weights(ckpt, model))
 
 
 def read_weights(ckpt: Path, model: KimbhoV1Model) -> dict[str, torch.Tensor]:
@@ -359,9 +354,10 @@ def load(
     else:
         verify(ckpt)  # a checkpoint without its manifest (written last) may be half-written
         config = read_model_config(ckpt)
-        _check_shapes(config, weight_shapes([ckpt / "model.safetensors"]), ckpt / "model.safetensors")
-        model = KimbhoV1Model(config)
-        load_weights(model, ckpt)
+        check_layer_count(config, weight_shapes([ckpt / "model.safetensors"]), ckpt / "config.json")
+        with torch.device("meta"):  # the names and shapes to check the file against, unallocated
+            expected = KimbhoV1Model(config)
+        model = KimbhoV1Model.from_weights(config, read_weights(ckpt, expected))
         stored = _stored_dtype(ckpt / "model.safetensors")
         tokenizer_path = ckpt / "tokenizer.json"
         if not tokenizer_path.is_file():
@@ -404,17 +400,6 @@ def check_layer_count(config: KimbhoConfig, names: Iterable[str], config_file: P
             f"{config_file} declares {config.num_blocks:,} layers, but the weights hold {len(held):,}: "
             f"the config does not describe these weights"
         )
-
-
-def _check_shapes(config: KimbhoConfig, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
-    """The shapes `config` implies against those stored, before the model is allocated."""
-    check_layer_count(config, shapes, path.parent / "config.json")
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        expected = {n: tuple(t.shape) for n, t in KimbhoV1Model(config).state_dict().items()}
-    for name, shape in expected.items():
-        stored = shapes.get(name, shapes.get("embed.weight") if name == "head.weight" else None)
-        if stored is not None and stored != shape:
-            raise KimbhoError(f"weights {path}: {name} has shape {stored}, the config needs {shape}")
 
 
 def _stored_dtype(weights: Path) -> torch.dtype:

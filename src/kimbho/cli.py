@@ -16,10 +16,6 @@ from .errors import KimbhoError, ReportedElsewhere
 
 log = logging.getLogger("kimbho")
 
-# `kimbho generate` samples unless told otherwise; the Python API is greedy by default.
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
-
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from .data import CorpusSource
@@ -136,8 +132,10 @@ def _load(args: argparse.Namespace, dtype: str | None = None):  # type: ignore[n
 
 
 def _sampling_defaults(args: argparse.Namespace) -> tuple[float | None, float | None]:
-    """--temperature and --top-p as given; unset, 0.8 and 0.95 when sampling, and nothing with
-    beam search (which draws nothing and refuses sampling options)."""
+    """--temperature and --top-p as given; unset, the defaults of `sampling` when sampling, and
+    nothing with beam search (which draws nothing and refuses sampling options)."""
+    from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+
     if args.num_beams > 1:
         return args.temperature, args.top_p
     temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
@@ -332,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train on N processes of this machine (one per GPU, or CPU processes) with DDP, or FSDP2 "
         "with train.parallel=fsdp: runs torchrun --standalone --nproc-per-node N for you; for several "
-        "machines start torchrun yourself (see README)",
+        "machines start torchrun yourself (see docs/scaling.md)",
     )
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.set_defaults(func=cmd_train)
@@ -342,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         "model", metavar="MODEL", help="run directory, checkpoint directory or Hugging Face directory"
     )
     gen.add_argument("--prompt", help="text to continue; empty starts a new document")
+    from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+
     gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
     gen.add_argument(
         "--temperature",

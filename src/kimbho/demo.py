@@ -21,6 +21,7 @@ from .errors import KimbhoError
 from .generation import stream
 from .metrics import read_metrics
 from .model import KimbhoV1Model
+from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from .tokenizer import Tokenizer
 from .train import Trainer
 
@@ -102,9 +103,19 @@ def run_demo(minutes: float = 3.0, out: Path = Path("runs/demo")) -> dict[str, f
     print(
         f"   final val bpb {final_bpb:.3f} vs unigram model {unigram:.3f} ({unigram / final_bpb:.2f}x better)"
     )
-    print("   samples (temperature 0.8, top-p 0.95):")
+    print(f"   samples (temperature {DEFAULT_TEMPERATURE}, top-p {DEFAULT_TOP_P}):")
     for prompt in PROMPTS:
-        text = "".join(stream(model, trainer.tokenizer, prompt, 60, temperature=0.8, top_p=0.95, seed=0))
+        text = "".join(
+            stream(
+                model,
+                trainer.tokenizer,
+                prompt,
+                60,
+                temperature=DEFAULT_TEMPERATURE,
+                top_p=DEFAULT_TOP_P,
+                seed=0,
+            )
+        )
         print(f"   > {prompt}{text}".replace("\n", "\n     "))
     print(
         f'done in {(time.perf_counter() - started) / 60:.1f} minutes; try: kimbho generate {out} --prompt "The with statement"'

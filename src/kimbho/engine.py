@@ -21,7 +21,7 @@ CPU) it runs on the slots in use and the cached positions filled so far. With `c
 (the default on CUDA) it always runs on every slot and the whole cache, so one compiled graph
 serves every step: on CUDA captured in a CUDA graph; on the CPU with its few-row matrix products
 rewritten to read the weights at memory speed (`small_matmul`), ~4x eager's tokens/s at batch 1
-for ~15 s of compiling once per process (README, Decode speed).
+for ~15 s of compiling once per process (docs/generation.md, Decode speed).
 """
 
 from __future__ import annotations

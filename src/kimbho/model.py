@@ -221,6 +221,20 @@ class KimbhoV1Model(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    @classmethod
+    def from_weights(cls, config: KimbhoConfig, state: dict[str, torch.Tensor]) -> KimbhoV1Model:
+        """A model holding the tensors of `state` as its parameters: built on the `meta` device
+        (nothing allocated or randomly initialised just to be overwritten), then given the
+        tensors themselves, as gpt-fast loads. `state` must fit `config` exactly."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
+        if config.tie_embeddings:
+            model.head.weight = model.embed.weight  # assign made two parameters of the one tensor
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
+        model.rope_cos, model.rope_sin = cos.to(model.embed.weight.device), sin.to(model.embed.weight.device)
+        return model
+
     def reset_parameters(self) -> None:
         """Normal(0, init_std) matrices; the projections that write into the residual stream
         scaled by 1/sqrt(2 * num_blocks) (GPT-2) so its variance does not grow with depth;

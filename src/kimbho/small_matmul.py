@@ -6,7 +6,7 @@ the development machine (one thread, whatever `torch.get_num_threads()` says), a
 the memory delivers. Written as multiply-and-sum with the output features outermost, the same
 product becomes an Inductor reduction: one vectorised pass over the weights, split across all
 threads, that uses each weight row for every input row while the row is in cache: ~38 GB/s,
-3.5x MKL at one row (README, Decode speed). Each further row costs more arithmetic, and by eight
+3.5x MKL at one row (docs/generation.md, Decode speed). Each further row costs more arithmetic, and by eight
 rows MKL's product is as fast.
 
 `SmallMatmulPass` makes that rewrite in the compiled graph, after autograd and decompositions,

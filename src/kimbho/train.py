@@ -41,6 +41,7 @@ from .loss import linear_cross_entropy
 from .metrics import DiscardedMetrics, MetricsLog
 from .model import KimbhoV1Model
 from .optim import build_optimizer
+from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kimbho")
@@ -410,8 +411,8 @@ class Trainer:
             self.model,
             start,
             new,
-            temperature=0.8,
-            top_k=50,
+            temperature=DEFAULT_TEMPERATURE,
+            top_p=DEFAULT_TOP_P,
             seed=self.cfg.seed,
             eos_token_id=self.tokenizer.eot_id,
         )

@@ -28,6 +28,7 @@ import torch
 from ..config import KimbhoConfig
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
+from ..sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..staging import staged_directory
 from ..tokenizer import Tokenizer
 
@@ -241,7 +242,7 @@ def export_hf(
         _write_json(
             tmp / "generation_config.json",
             # The sampling defaults of `kimbho generate`, so both sample alike out of the box.
-            {**ids, "do_sample": True, "temperature": 0.8, "top_p": 0.95},
+            {**ids, "do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P},
         )
         tokenizer.save(tmp / "tokenizer.json")
         _write_json(
@@ -329,8 +330,8 @@ def load_hf_directory(path: str | Path) -> tuple[KimbhoV1Model, Tokenizer]:
         state = from_hf(weights, config)
     except KimbhoError as e:
         raise KimbhoError(f"{path}: {e}") from None
-    model = KimbhoV1Model(config)
-    model.load_state_dict(state)  # copied into the model's fp32 parameters
+    # fp32 parameters whatever the stored dtype; `checkpoint.load` converts them for --dtype.
+    model = KimbhoV1Model.from_weights(config, {name: t.float() for name, t in state.items()})
     return model, tokenizer
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from ..sampling import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+from ..sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
 MAX_PROMPTS = 128  # prompts in one completions request
 MAX_STOPS = 16
@@ -53,8 +53,8 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(
         None, ge=1, description="new tokens at most; prompt + max_tokens must fit the context"
     )
-    temperature: float = Field(1.0, ge=0, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, description="0 is greedy")
+    top_p: float = Field(DEFAULT_TOP_P, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 is off")
     min_p: float = Field(0.0, ge=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
