@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import kimbho  # noqa: E402
 from kimbho.config import KimbhoConfig  # noqa: E402
-from kimbho.data import TokenStream, eval_windows  # noqa: E402
+from kimbho.data.shards import TokenStream, eval_windows  # noqa: E402
 from kimbho.device import autocast  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"

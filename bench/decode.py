@@ -26,7 +26,7 @@ import torch
 from _common import hf_model
 
 import kimbho
-from kimbho.engine import Engine, Request
+from kimbho.inference.engine import Engine, Request
 from kimbho.interop.hf import to_hf
 
 

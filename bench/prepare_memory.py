@@ -21,7 +21,7 @@ from pathlib import Path
 CHILD = """
 import json, resource, sys, threading, time
 import kimbho
-from kimbho.data import DEFAULT_SHARD_TOKENS
+from kimbho.data.prepare import DEFAULT_SHARD_TOKENS
 samples = []  # resident memory every second, to see whether it keeps growing
 def sample():
     while True:

@@ -50,7 +50,7 @@ def _serve(sock: socket.socket, model: str | None, preset: str, slots: int) -> N
     """The child process: load (or build) the model and serve on the inherited socket."""
     import uvicorn
 
-    from kimbho.chat import ChatFormat
+    from kimbho.inference.chat import ChatFormat
     from kimbho.serve import build_app
     from kimbho.serve.app import ServerOptions, create_app
 
@@ -77,7 +77,7 @@ def _random_model(preset: str):  # type: ignore[no-untyped-def]
     cfg = kimbho.KimbhoConfig.from_preset(preset)
     path = Path(tempfile.gettempdir()) / f"kimbho-bench-tokenizer-{cfg.vocab_size}.json"
     if not path.is_file():
-        from kimbho.data import CorpusSource
+        from kimbho.data.prepare import CorpusSource
 
         kimbho.Tokenizer.train(CorpusSource(None, "text").texts(), cfg.vocab_size).save(path)
     tokenizer = kimbho.Tokenizer.from_file(path)

@@ -53,9 +53,9 @@ from _common import (
 )
 
 from kimbho.config import RunConfig, TrainConfig, parse_override
-from kimbho.data import RandomWindowSampler, TokenStream, dataset_fingerprint, load_meta
-from kimbho.loss import linear_cross_entropy
-from kimbho.train import Trainer
+from kimbho.data.shards import RandomWindowSampler, TokenStream, dataset_fingerprint, load_meta
+from kimbho.training.loss import linear_cross_entropy
+from kimbho.training.trainer import Trainer
 
 RESULTS_FILE = RESULTS / "time_to_quality.json"
 PNG = RESULTS / "time_to_quality.png"

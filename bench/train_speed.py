@@ -47,10 +47,10 @@ from _common import (
 )
 
 from kimbho.config import RunConfig, TrainConfig
-from kimbho.data import RandomWindowSampler, TokenStream
+from kimbho.data.shards import RandomWindowSampler, TokenStream
 from kimbho.device import peak_flops
 from kimbho.model import KimbhoV1Model
-from kimbho.train import Trainer
+from kimbho.training.trainer import Trainer
 
 RESULTS_FILE = RESULTS / "train_speed.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -4,7 +4,7 @@
                                  [--signal KILL|TERM|INT]
 
 RUN.json holds `RunConfig.to_dict()`. `--at before:torch.save:2` wraps the function `torch.save`
-(any dotted path: `os.replace`, `kimbho.train.Trainer.save`, ...) so that its 2nd call sends the
+(any dotted path: `os.replace`, `kimbho.training.trainer.Trainer.save`, ...) so that its 2nd call sends the
 signal to this process just before it runs (`after`: just after it returns). With a REGEX, only
 calls whose arguments (as strings, joined by spaces) match it are counted. SIGKILL ends the
 process on the spot, as `kill -9` or the out-of-memory killer would; nothing in Kimbho knows.
@@ -24,7 +24,7 @@ from typing import Any
 
 
 def _owner_and_name(target: str) -> tuple[Any, str]:
-    """`"kimbho.train.Trainer.save"` -> (the Trainer class, "save")."""
+    """`"kimbho.training.trainer.Trainer.save"` -> (the Trainer class, "save")."""
     parts = target.split(".")
     for split in range(len(parts) - 1, 0, -1):
         try:
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from kimbho.config import RunConfig
-    from kimbho.train import Trainer
+    from kimbho.training.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="kimbho: %(message)s")
     if args.at:

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import kimbho
-from kimbho.beam_search import Hypothesis, beam_search
-from kimbho.engine import Engine, Request
+from kimbho.inference.beam_search import Hypothesis, beam_search
+from kimbho.inference.engine import Engine, Request
 
 
 def _greedy_with_logprob(model: kimbho.KimbhoV1Model, prompt: list[int], n: int) -> Hypothesis:
@@ -140,7 +140,7 @@ def test_beam_search_refuses_sampling_options(peaked_model, options: dict) -> No
 def test_cli_beam_search_needs_no_sampling_flags(trained_run, capsys) -> None:
     """`--num-beams 4` alone searches (the CLI's sampling defaults apply to sampling only); an
     explicit --temperature with beams is refused in one line."""
-    from .conftest import run_cli
+    from tests.conftest import run_cli
 
     assert run_cli("generate", trained_run, "--prompt", "The", "--max-new-tokens", 6, "--num-beams", 3) == 0
     searched = capsys.readouterr().out

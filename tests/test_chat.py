@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import kimbho
-from kimbho.chat import ChatFormat, read_chat_template
 from kimbho.config import KimbhoConfig
+from kimbho.inference.chat import ChatFormat, read_chat_template
 from kimbho.serve.app import ServerOptions, create_app
-
-from .conftest import running_server
+from tests.conftest import running_server
 
 MESSAGES = [
     {"role": "system", "content": "Answer briefly."},

@@ -19,11 +19,10 @@ import yaml
 from safetensors.torch import load_file
 
 import kimbho
-from kimbho.checkpoint import CorruptCheckpoint, list_checkpoints, load_trainer_state, verify
 from kimbho.errors import KimbhoError
-from kimbho.metrics import read_metrics
-
-from .conftest import run_cli, tiny_run_config
+from kimbho.storage.checkpoints import CorruptCheckpoint, list_checkpoints, load_trainer_state, verify
+from kimbho.training.metrics import read_metrics
+from tests.conftest import run_cli, tiny_run_config
 
 LAST = "checkpoints/step-00000120"
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli, run_subprocess
+from tests.conftest import run_cli, run_subprocess
 
 COMMANDS = [["tokenizer", "train"], ["prepare"], ["train"], ["generate"], ["eval"], ["demo"]]
 

@@ -19,11 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 import kimbho
-from kimbho.checkpoint import list_checkpoints, verify
 from kimbho.config import RunConfig
-from kimbho.metrics import read_metrics
-
-from .conftest import tiny_run_config, without_wall_clock
+from kimbho.storage.checkpoints import list_checkpoints, verify
+from kimbho.training.metrics import read_metrics
+from tests.conftest import tiny_run_config, without_wall_clock
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
 MAX_STEPS = 12
@@ -106,7 +105,7 @@ def test_killed_runs_resume_bit_identically(data_dir: Path, tmp_path: Path, refe
     driver = Driver(data_dir, tmp_path / "run")
     print()
 
-    r = driver.run("--at", "before:kimbho.train.Trainer.train_step:7")
+    r = driver.run("--at", "before:kimbho.training.trainer.Trainer.train_step:7")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert driver.complete_steps() == [4]
     print(
@@ -122,7 +121,7 @@ def test_killed_runs_resume_bit_identically(data_dir: Path, tmp_path: Path, refe
         f"{driver.complete_steps()}, half-written {driver.temporaries()}"
     )
 
-    r = driver.run("--resume", "--at", "after:kimbho.train.Trainer.save:1")
+    r = driver.run("--resume", "--at", "after:kimbho.training.trainer.Trainer.save:1")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert "removing incomplete checkpoint" in r.stderr and not driver.temporaries()
     assert driver.complete_steps() == [4, 8]
@@ -130,7 +129,7 @@ def test_killed_runs_resume_bit_identically(data_dir: Path, tmp_path: Path, refe
         f"SIGKILL just after the save of step 8:               rc {r.returncode}, checkpoints {driver.complete_steps()}"
     )
 
-    r = driver.run("--resume", "--signal", "TERM", "--at", "before:kimbho.train.Trainer.train_step:2")
+    r = driver.run("--resume", "--signal", "TERM", "--at", "before:kimbho.training.trainer.Trainer.train_step:2")
     assert r.returncode == 0, r.stderr
     assert "stopped by SIGTERM after step 10" in r.stderr
     assert driver.complete_steps() == [8, 10]
@@ -147,11 +146,11 @@ def test_killed_runs_resume_bit_identically(data_dir: Path, tmp_path: Path, refe
 
 # (name, kill point, complete checkpoints and temporaries left behind, without their pid suffix)
 SINGLE_KILL_POINTS = [
-    ("before-first-step", "before:kimbho.train.Trainer.train_step:1", [], []),
-    ("after-3rd-metrics-record", "after:kimbho.metrics.MetricsLog.write:3", [], []),
-    ("step-4-weights-written", "after:kimbho.checkpoint.save_file:2", [], [".tmp-step-00000004"]),
-    ("best-being-fsynced", "after:kimbho.checkpoint._fsync:4", [], [".tmp-best"]),
-    ("step-4-complete-not-renamed", "before:kimbho.checkpoint._replace_dir:2", [], [".tmp-step-00000004"]),
+    ("before-first-step", "before:kimbho.training.trainer.Trainer.train_step:1", [], []),
+    ("after-3rd-metrics-record", "after:kimbho.training.metrics.MetricsLog.write:3", [], []),
+    ("step-4-weights-written", "after:kimbho.storage.checkpoints.save_file:2", [], [".tmp-step-00000004"]),
+    ("best-being-fsynced", "after:kimbho.storage.checkpoints._fsync:4", [], [".tmp-best"]),
+    ("step-4-complete-not-renamed", "before:kimbho.storage.checkpoints._replace_dir:2", [], [".tmp-step-00000004"]),
     (
         "step-4-renamed-parent-not-fsynced",
         r"after:os.replace:1:\.tmp-step-00000004-\d+ \S+/step-00000004$",
@@ -170,7 +169,7 @@ SINGLE_KILL_POINTS = [
         [8, 12],
         [".tmp-old-step-00000004"],
     ),
-    ("after-the-final-save", "after:kimbho.train.Trainer.save:3", [8, 12], []),
+    ("after-the-final-save", "after:kimbho.training.trainer.Trainer.save:3", [8, 12], []),
 ]
 
 

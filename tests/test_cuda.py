@@ -12,8 +12,7 @@ import torch
 
 import kimbho
 from kimbho.device import compile_decode
-
-from .conftest import run_cli, tiny_run_config
+from tests.conftest import run_cli, tiny_run_config
 
 pytestmark = pytest.mark.cuda
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kimbho import RandomWindowSampler, TokenDataset, Tokenizer, TokenStream, prepare
-from kimbho.corpus import SECTION_BYTES
+from kimbho.data.corpus import SECTION_BYTES
 from kimbho.errors import KimbhoError
 
 PROSE = "The quick brown fox jumps over the lazy dog. " * 40
@@ -176,8 +176,7 @@ def test_corrupt_shards_are_refused_before_training(data_dir: Path, tmp_path: Pa
     import shutil
 
     import kimbho
-
-    from .conftest import tiny_run_config
+    from tests.conftest import tiny_run_config
 
     for damage, message in (
         ("out of range", "holds token id 9999, outside"),

@@ -20,12 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 import kimbho
-from kimbho.checkpoint import list_checkpoints, verify
 from kimbho.device import pick_precision
-from kimbho.metrics import read_metrics
-from kimbho.train import NextTokenLoss
-
-from .conftest import REPO, run_cli, tiny_run_config
+from kimbho.storage.checkpoints import list_checkpoints, verify
+from kimbho.training.metrics import read_metrics
+from kimbho.training.trainer import NextTokenLoss
+from tests.conftest import REPO, run_cli, tiny_run_config
 
 STEPS = 6
 # Gradient accumulation (per process: 4 rows in 2 micro-batches of 2), validation, samples and
@@ -343,7 +342,7 @@ def test_fsdp_in_one_process_trains_unsharded(data_dir: Path, tmp_path: Path, ki
 def test_optimizer_state_of_older_checkpoints_is_keyed_by_name(data_dir: Path, tmp_path: Path) -> None:
     """Checkpoints written before multi-process training hold `optimizer.state_dict()`, keyed by
     position; they resume as well."""
-    from kimbho.distributed import _keyed_by_name, full_optimizer_state
+    from kimbho.training.distributed import _keyed_by_name, full_optimizer_state
 
     trainer = kimbho.Trainer(tiny_run_config(), data_dir, tmp_path / "run", progress_bar=False)
     trainer.train_step(0)

@@ -2,8 +2,12 @@ import pytest
 import torch
 
 import kimbho
-from kimbho.engine import Engine, Request, TokenEvent
-from kimbho.sampling import SamplingParams, apply_presence_frequency_penalty, apply_repetition_penalty
+from kimbho.inference.engine import Engine, Request, TokenEvent
+from kimbho.inference.sampling import (
+    SamplingParams,
+    apply_presence_frequency_penalty,
+    apply_repetition_penalty,
+)
 
 
 def _tokens(events: list[TokenEvent]) -> dict[tuple[int, int], list[int]]:

@@ -4,10 +4,9 @@ from pathlib import Path
 import pytest
 
 import kimbho
-from kimbho.demo import unigram_bpb
 from kimbho.errors import KimbhoError
-
-from .conftest import run_cli
+from kimbho.evaluation import unigram_bpb
+from tests.conftest import run_cli
 
 
 def test_eval_on_data_directory(trained_run: Path, data_dir: Path, tokenizer: kimbho.Tokenizer) -> None:

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import kimbho
-from kimbho.engine import Engine
 from kimbho.errors import KimbhoError
-from kimbho.generation import encode_prompt
+from kimbho.inference.engine import Engine
+from kimbho.inference.generation import encode_prompt
 
 
 def _naive_greedy(model: kimbho.KimbhoV1Model, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -191,7 +191,7 @@ def test_compiling_decides_the_slot_shapes_too(tiny_model, monkeypatch) -> None:
     """Where compiling is the default (CUDA), `compile=None` must give the engine the shapes a
     compiled step reuses: slots of the whole context, a power-of-two slot count. Here the CPU is
     made to look like such a device; the engine itself runs eager, so the test stays fast."""
-    import kimbho.generation as generation
+    import kimbho.inference.generation as generation
 
     built: list[tuple[int, int, bool]] = []
 

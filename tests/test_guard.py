@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import kimbho
-from kimbho.checkpoint import list_checkpoints, verify
 from kimbho.config import TrainConfig
 from kimbho.errors import KimbhoError
-from kimbho.guard import SPIKE_WARMUP, StepGuard
-from kimbho.metrics import read_metrics
-
-from .conftest import tiny_run_config
+from kimbho.storage.checkpoints import list_checkpoints, verify
+from kimbho.training.metrics import read_metrics
+from kimbho.training.step_guard import SPIKE_WARMUP, StepGuard
+from tests.conftest import tiny_run_config
 
 
 def test_guard_refuses_non_finite_values() -> None:

@@ -11,8 +11,7 @@ import torch
 
 import kimbho
 from kimbho.device import CPU_BF16_ENV
-
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 
 def test_load_converts_the_weights_and_keeps_the_rotary_tables(trained_run: Path) -> None:

@@ -16,8 +16,7 @@ from kimbho.config import KimbhoConfig
 from kimbho.errors import KimbhoError
 from kimbho.interop import hf as hf_interop
 from kimbho.interop.hf import export_hf
-
-from .conftest import TRICKY, run_cli, tiny_run_config
+from tests.conftest import TRICKY, run_cli, tiny_run_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kimbho.checkpoint import list_checkpoints, verify
-from kimbho.interrupt import GracefulStop
-from kimbho.metrics import read_metrics
-
-from .conftest import REPO
+from kimbho.storage.checkpoints import list_checkpoints, verify
+from kimbho.training.metrics import read_metrics
+from kimbho.training.signals import GracefulStop
+from tests.conftest import REPO
 
 
 def test_signals_raise_a_flag_and_a_second_ctrl_c_interrupts() -> None:

@@ -6,10 +6,9 @@ import torch
 
 import kimbho
 from kimbho.config import KimbhoConfig, TrainConfig
-from kimbho.metrics import read_metrics
-from kimbho.optim import Muon, MuonWithAdamW, build_optimizer, orthogonalize
-
-from .conftest import tiny_run_config
+from kimbho.training.metrics import read_metrics
+from kimbho.training.optim import Muon, MuonWithAdamW, build_optimizer, orthogonalize
+from tests.conftest import tiny_run_config
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 40), (2, 40, 16), (1, 24, 24)])

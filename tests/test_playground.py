@@ -13,11 +13,10 @@ import pytest
 import torch
 
 import kimbho
-from kimbho.chat import ChatFormat
 from kimbho.config import KimbhoConfig
+from kimbho.inference.chat import ChatFormat
 from kimbho.serve.app import ServerOptions, create_app
-
-from .conftest import running_server
+from tests.conftest import running_server
 
 CHROMIUM = os.environ.get("KIMBHO_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(

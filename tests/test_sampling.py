@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kimbho.errors import KimbhoError
-from kimbho.sampling import (
+from kimbho.inference.sampling import (
     SamplingParams,
     apply_presence_frequency_penalty,
     apply_repetition_penalty,

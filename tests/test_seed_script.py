@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 
 from kimbho import KimbhoV1Model
-
-from .conftest import REPO
+from tests.conftest import REPO
 
 
 def test_training_script_and_inference_snippet(tmp_path: Path) -> None:

@@ -18,12 +18,11 @@ import pytest
 import torch
 
 import kimbho
-from kimbho.chat import ChatFormat
 from kimbho.config import KimbhoConfig
+from kimbho.inference.chat import ChatFormat
 from kimbho.serve.app import ServerOptions, create_app
 from kimbho.serve.worker import Worker
-
-from .conftest import run_cli, running_server
+from tests.conftest import run_cli, running_server
 
 KEY = "sk-test-0123456789"
 

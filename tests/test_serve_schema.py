@@ -13,11 +13,10 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
 import kimbho
-from kimbho.chat import ChatFormat
 from kimbho.config import KimbhoConfig
+from kimbho.inference.chat import ChatFormat
 from kimbho.serve.app import ServerOptions, create_app
-
-from .conftest import running_server
+from tests.conftest import running_server
 
 EXAMPLES = 100  # per operation and mode; the whole run takes ~20 s here
 

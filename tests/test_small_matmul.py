@@ -1,4 +1,4 @@
-"""The compiled decode step's rewrite of few-row matrix products (`kimbho.small_matmul`)."""
+"""The compiled decode step's rewrite of few-row matrix products (`kimbho.inference.small_matmul`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from kimbho.small_matmul import FEW_ROWS, SmallMatmulPass
+from kimbho.inference.small_matmul import FEW_ROWS, SmallMatmulPass
 
 
 def _mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 import kimbho
-from kimbho.data import TokenStream
+from kimbho.data.shards import TokenStream
 
 # Runs `prepare --force` over OUT in a process that kills itself at one point of the replacement.
 KILLED_PREPARE = """
 import os, signal, sys
-import kimbho.staging as staging
+import kimbho.storage.staging as staging
 point, corpus, out = sys.argv[1:4]
 if point == "before-swap":
     staging.swap = lambda new, out: os.kill(os.getpid(), signal.SIGKILL)

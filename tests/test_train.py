@@ -12,10 +12,9 @@ import kimbho
 from kimbho.config import KimbhoConfig, TrainConfig
 from kimbho.device import CPU_BF16_ENV
 from kimbho.errors import KimbhoError
-from kimbho.metrics import read_metrics
-from kimbho.train import lr_at
-
-from .conftest import tiny_run_config, without_wall_clock
+from kimbho.training.metrics import read_metrics
+from kimbho.training.trainer import lr_at
+from tests.conftest import tiny_run_config, without_wall_clock
 
 
 @pytest.mark.precision

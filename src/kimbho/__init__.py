@@ -16,27 +16,27 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "load": "checkpoint",
+_EXPORTS = {  # name -> the module that defines it
+    "load": "loading",
     "KimbhoConfig": "config",
     "RunConfig": "config",
     "TrainConfig": "config",
-    "RandomWindowSampler": "data",
-    "TokenDataset": "data",
-    "TokenStream": "data",
-    "prepare": "data",
+    "RandomWindowSampler": "data.shards",
+    "TokenDataset": "data.shards",
+    "TokenStream": "data.shards",
+    "prepare": "data.prepare",
     "KimbhoError": "errors",
     "evaluate": "evaluation",
-    "Engine": "engine",
-    "Request": "engine",
-    "SamplingParams": "sampling",
-    "generate": "generation",
-    "generate_batch": "generation",
-    "stream": "generation",
+    "Engine": "inference.engine",
+    "Request": "inference.engine",
+    "SamplingParams": "inference.sampling",
+    "generate": "inference.generation",
+    "generate_batch": "inference.generation",
+    "stream": "inference.generation",
     "DecoderLanguageModel": "model",
     "KimbhoV1Model": "model",
-    "Tokenizer": "tokenizer",
-    "Trainer": "train",
+    "Tokenizer": "data.tokenizer",
+    "Trainer": "training.trainer",
 }
 
 __all__ = [
@@ -72,14 +72,15 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .checkpoint import load
     from .config import KimbhoConfig, RunConfig, TrainConfig
-    from .data import RandomWindowSampler, TokenDataset, TokenStream, prepare
-    from .engine import Engine, Request
+    from .data.prepare import prepare
+    from .data.shards import RandomWindowSampler, TokenDataset, TokenStream
+    from .data.tokenizer import Tokenizer
     from .errors import KimbhoError
     from .evaluation import evaluate
-    from .generation import generate, generate_batch, stream
+    from .inference.engine import Engine, Request
+    from .inference.generation import generate, generate_batch, stream
+    from .inference.sampling import SamplingParams
+    from .loading import load
     from .model import DecoderLanguageModel, KimbhoV1Model
-    from .sampling import SamplingParams
-    from .tokenizer import Tokenizer
-    from .train import Trainer
+    from .training.trainer import Trainer

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import CorpusReport, read_sections
-from .data import TokenStream, eval_windows, load_meta
+from .data.corpus import CorpusReport, read_sections
+from .data.shards import TokenStream, eval_windows, load_meta
+from .data.tokenizer import Tokenizer
 from .device import autocast
 from .errors import KimbhoError
-from .loss import linear_cross_entropy
 from .model import KimbhoV1Model
-from .tokenizer import Tokenizer
+from .training.loss import linear_cross_entropy
 
 
 @torch.no_grad()
@@ -120,3 +120,16 @@ def evaluate(
         lambda start, length: array[start : start + length], len(array), seq_len, max_tokens
     )
     return summarize(*sum_loss(model, windows, tokenizer, batch_size))
+
+
+def unigram_bpb(data_dir: Path) -> float:
+    """Bits per byte on the validation split of a unigram model fit to the training split
+    (token frequencies with add-one smoothing): the baseline a language model has to beat."""
+    train, val = TokenStream(data_dir, "train"), TokenStream(data_dir, "val")
+    vocab = train.meta["vocab_size"]
+    counts = np.bincount(train.window(0, len(train)), minlength=vocab).astype(np.float64) + 1.0
+    log_probs = np.log2(counts / counts.sum())
+    val_ids = val.window(0, len(val))
+    bits = -log_probs[val_ids[1:]].sum()  # the same tokens the model is scored on
+    tokenizer = Tokenizer.from_file(Path(data_dir) / "tokenizer.json")
+    return float(bits / tokenizer.count_bytes(val_ids[1:]))

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from ..config import KimbhoConfig
+from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
-from ..staging import staged_file
-from ..tokenizer import Tokenizer
+from ..storage.staging import staged_file
 from .hf import expand_layers, special_tokens, split_fused
 
 # Kimbho name -> GGUF name for every tensor that maps one to one; {i} is the layer.

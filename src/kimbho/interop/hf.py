@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from ..config import KimbhoConfig
+from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
+from ..inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..model import KimbhoV1Model
-from ..sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from ..staging import staged_directory
-from ..tokenizer import Tokenizer
+from ..storage.staging import staged_directory
 
 # Kimbho name -> Hugging Face name for every tensor that maps one to one; {i} is the layer.
 _RENAMES = {
@@ -322,7 +322,7 @@ def load_hf_directory(path: str | Path) -> tuple[KimbhoV1Model, Tokenizer]:
             f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
         )
     tokenizer = Tokenizer.from_file(tokenizer_file)
-    from ..checkpoint import check_layer_count, weight_shapes
+    from ..loading import check_layer_count, weight_shapes
 
     check_layer_count(config, weight_shapes([path / f for f in weight_files(path)]), path / "config.json")
     weights = read_weights(path)  # then from_hf checks every shape against the config

@@ -51,8 +51,8 @@ def build_app(
     `options` are `ServerOptions` fields (model_name, slots, max_queue, timeout, max_body_bytes,
     max_len)."""
     require_server_dependencies()
-    from ..chat import ChatFormat
-    from ..checkpoint import load, resolve_checkpoint
+    from ..inference.chat import ChatFormat
+    from ..loading import load, resolve_checkpoint
     from .app import ServerOptions, create_app
 
     model, tokenizer = load(model_path, device=device, dtype=dtype)

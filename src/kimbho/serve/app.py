@@ -31,14 +31,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..chat import ChatFormat
-from ..engine import Engine, TokenEvent
-from ..engine import Request as EngineRequest
+from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
+from ..inference.chat import ChatFormat
+from ..inference.engine import Engine, TokenEvent
+from ..inference.engine import Request as EngineRequest
+from ..inference.sampling import SamplingParams
 from ..model import KimbhoV1Model
-from ..sampling import SamplingParams
-from ..tokenizer import Tokenizer
-from .guard import Guard
+from .auth import Guard
 from .protocol import (
     DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,

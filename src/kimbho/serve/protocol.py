@@ -13,7 +13,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from ..sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+from ..inference.sampling import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+)
 
 MAX_PROMPTS = 128  # prompts in one completions request
 MAX_STOPS = 16

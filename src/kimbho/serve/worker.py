@@ -20,8 +20,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..engine import Engine, Request, TokenEvent
 from ..errors import KimbhoError
+from ..inference.engine import Engine, Request, TokenEvent
 
 log = logging.getLogger("kimbho")
 

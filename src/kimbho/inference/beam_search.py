@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import KimbhoError
 from .engine import Engine
-from .errors import KimbhoError
 
 
 @dataclass

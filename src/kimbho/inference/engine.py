@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .device import compile_decode
-from .errors import KimbhoError
-from .model import KimbhoV1Model, KVCache
+from ..data.tokenizer import TextStream, Tokenizer
+from ..device import compile_decode
+from ..errors import KimbhoError
+from ..model import KimbhoV1Model, KVCache
 from .sampling import SamplingParams, draw, process_logits
-from .tokenizer import TextStream, Tokenizer
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import KimbhoError, ReportedElsewhere
+from ..errors import KimbhoError, ReportedElsewhere
 
 log = logging.getLogger("kimbho")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from .data import CorpusSource
-    from .tokenizer import Tokenizer
+    from ..data.prepare import CorpusSource
+    from ..data.tokenizer import Tokenizer
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -32,7 +32,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from .data import prepare
+    from ..data.prepare import prepare
 
     meta = prepare(
         args.input,
@@ -59,7 +59,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import resolve_run_config
+    from ..config import resolve_run_config
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
@@ -68,13 +68,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise KimbhoError("--init takes the model config from MODEL; drop --preset")
     run, explicit = resolve_run_config(args.config, args.preset, overrides)
     if args.nproc is not None:
-        from .distributed import launch, split_batch
+        from ..training.distributed import launch, split_batch
 
         if args.nproc >= 1:  # what can be checked before starting the processes
             split_batch(run.train.batch_size, run.train.micro_batch_size, args.nproc)
         return launch(args.nproc, _without_option(args.argv, "--nproc"))
 
-    from .train import Trainer
+    from ..training.trainer import Trainer
 
     trainer = Trainer(
         run,
@@ -126,7 +126,7 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 def _load(args: argparse.Namespace, dtype: str | None = None):  # type: ignore[no-untyped-def]
     """The MODEL argument loaded on --device in --dtype (the inference commands' options)."""
-    from .checkpoint import load
+    from ..loading import load
 
     return load(args.model, device=getattr(args, "device", "cpu"), dtype=dtype or args.dtype)
 
@@ -134,7 +134,7 @@ def _load(args: argparse.Namespace, dtype: str | None = None):  # type: ignore[n
 def _sampling_defaults(args: argparse.Namespace) -> tuple[float | None, float | None]:
     """--temperature and --top-p as given; unset, the defaults of `sampling` when sampling, and
     nothing with beam search (which draws nothing and refuses sampling options)."""
-    from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+    from ..inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
     if args.num_beams > 1:
         return args.temperature, args.top_p
@@ -143,7 +143,7 @@ def _sampling_defaults(args: argparse.Namespace) -> tuple[float | None, float | 
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generation import stream
+    from ..inference.generation import stream
 
     temperature, top_p = _sampling_defaults(args)
     options = dict(
@@ -196,14 +196,14 @@ def _stdin_prompts() -> Iterator[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluation import evaluate
+    from ..evaluation import evaluate
 
     model, tokenizer = _load(args)
     print(json.dumps(evaluate(model, tokenizer, args.data, max_tokens=args.max_tokens)))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve import serve
+    from ..serve import serve
 
     serve(
         args.model,
@@ -221,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
-    from .interop.hf import export_hf
+    from ..interop.hf import export_hf
 
     model, tokenizer = _load(args)  # on the CPU: writing a file
     export_hf(model, tokenizer, args.out_dir, force=args.force, max_shard_bytes=args.max_shard_size)
@@ -229,7 +229,7 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
-    from .interop.gguf import export_gguf
+    from ..interop.gguf import export_gguf
 
     model, tokenizer = _load(args, dtype="fp32")  # the file's precision is --dtype, converted from fp32
     name = Path(args.model).resolve().name
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     prep.set_defaults(func=cmd_prepare)
 
-    from .config import config_help
+    from ..config import config_help
 
     train = sub.add_parser(
         "train",
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model", metavar="MODEL", help="run directory, checkpoint directory or Hugging Face directory"
     )
     gen.add_argument("--prompt", help="text to continue; empty starts a new document")
-    from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+    from ..inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
     gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
     gen.add_argument(
@@ -475,7 +475,7 @@ def _add_inference_options(
     parser: argparse.ArgumentParser, device: bool = True, dtype_help: str = "precision of the weights"
 ) -> None:
     """--device and --dtype, as every inference command takes them (INTERFACE.md)."""
-    from .device import INFERENCE_DTYPES
+    from ..device import INFERENCE_DTYPES
 
     if device:
         parser.add_argument(
@@ -493,7 +493,7 @@ def _add_inference_options(
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `kimbho generate ... | head`
         code = 0
     if "torch.distributed" in sys.modules:  # only training imports it
-        from .distributed import exit_if_in_group
+        from ..training.distributed import exit_if_in_group
 
         exit_if_in_group(code)
     return code

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .device import adamw_fused, pick_precision
+from ..config import TrainConfig
+from ..device import adamw_fused, pick_precision
 
 # Quintic Newton–Schulz coefficients from Jordan's Muon (chosen to maximise the slope at zero, so
 # five steps suffice; singular values land near, not at, one, which does not hurt training).

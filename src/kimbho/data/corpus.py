@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import KimbhoError
+from ..errors import KimbhoError
 
 log = logging.getLogger("kimbho")
 

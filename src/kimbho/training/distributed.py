@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import KimbhoError, ReportedElsewhere
+from ..errors import KimbhoError, ReportedElsewhere
 from .optim import MuonWithAdamW, Optimizer
 
 log = logging.getLogger("kimbho")

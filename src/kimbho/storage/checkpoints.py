@@ -29,7 +29,6 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,10 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import KimbhoConfig, RunConfig
-from .device import pick_device, pick_inference_dtype
-from .errors import KimbhoError
-from .model import KimbhoV1Model
-from .tokenizer import Tokenizer
+from ..config import KimbhoConfig, RunConfig
+from ..data.tokenizer import Tokenizer
+from ..errors import KimbhoError
+from ..model import KimbhoV1Model
 
 log = logging.getLogger("kimbho")
 
@@ -51,7 +49,6 @@ BEST = "best"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
 _SET_ASIDE_PREFIX = "unusable-"
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # HF's and Kimbho's names
 
 
 class CorruptCheckpoint(KimbhoError):
@@ -273,151 +270,6 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"optimizer", "progress", "rng"} <= set(state):
         raise CorruptCheckpoint(f"checkpoint file {path} does not hold a Kimbho trainer state")
     return state
-
-
-def saved_train_config(ckpt: Path) -> dict[str, Any]:
-    """The `train:` section of the run config a checkpoint was made with."""
-    return _read_yaml(ckpt / "run.yaml").get("train") or {}
-
-
-def resume_differences(
-    ckpt: Path, state: dict[str, Any], run: RunConfig, fingerprint: dict[str, Any]
-) -> tuple[list[str], list[str]]:
-    """What differs between checkpoint `ckpt` (with its trainer `state`) and the run about to
-    continue it: (differences that make resuming wrong: model config, tokenizer, dataset;
-    train-config changes, which are allowed)."""
-    refusals = []
-    saved = read_model_config(ckpt)
-    for key, value in saved.to_dict().items():
-        now = getattr(run.model, key)
-        if now != value:
-            refusals.append(f"model.{key} is {value!r} in the checkpoint but {now!r} now")
-    saved_fp = state.get("fingerprint") or {}
-    if saved_fp.get("tokenizer_sha256", fingerprint["tokenizer_sha256"]) != fingerprint["tokenizer_sha256"]:
-        refusals.append(
-            f"the tokenizer differs (sha256 {saved_fp['tokenizer_sha256'][:12]}... in the checkpoint, "
-            f"{fingerprint['tokenizer_sha256'][:12]}... now)"
-        )
-    for split, was in (saved_fp.get("dataset") or {}).items():
-        now = fingerprint["dataset"].get(split)
-        if was != now:
-            refusals.append(
-                f"the dataset's {split} split differs ({_describe_split(was)} in the checkpoint, "
-                f"{_describe_split(now)} now)"
-            )
-    saved_train = saved_train_config(ckpt)
-    current_train = run.to_dict()["train"]
-    if saved_train.get("optimizer", current_train["optimizer"]) != current_train["optimizer"]:
-        refusals.append(
-            f"train.optimizer is {saved_train['optimizer']!r} in the checkpoint but "
-            f"{current_train['optimizer']!r} now, and its state cannot carry over"
-        )
-    changes = [
-        f"train.{key} {saved_train[key]!r} -> {value!r}"
-        for key, value in current_train.items()
-        if key in saved_train and saved_train[key] != value
-    ]
-    return refusals, changes
-
-
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint directory from a run directory (its newest checkpoint) or a checkpoint directory."""
-    p = Path(path)
-    if not p.exists():
-        raise KimbhoError(f"model path {path} does not exist")
-    if (p / "config.json").is_file():
-        return p
-    checkpoints = list_checkpoints(p)
-    if checkpoints:
-        return checkpoints[-1]
-    raise KimbhoError(
-        f"{path} is not a model: expected a run directory with checkpoints/, a checkpoint directory "
-        f"or a Hugging Face model directory (with config.json)"
-    )
-
-
-def load(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: str = "auto"
-) -> tuple[KimbhoV1Model, Tokenizer]:
-    """`(model, tokenizer)` from a run directory, a checkpoint directory or a local Hugging Face
-    Llama directory, in eval mode. `device` is `auto|cpu|cuda|cuda:N|mps` (or a torch.device);
-    `dtype` is the weights' precision, `auto|fp32|bf16` (see `device.pick_inference_dtype`:
-    auto keeps the stored precision where the device computes in it natively)."""
-    target = device if isinstance(device, torch.device) else pick_device(device)
-    ckpt = resolve_checkpoint(path)
-    config_values = _read_json(ckpt / "config.json")
-    if config_values.get("format") != "kimbho":
-        from .interop.hf import load_hf_directory, weight_files
-
-        model, tokenizer = load_hf_directory(ckpt)
-        stored = _stored_dtype(ckpt / weight_files(ckpt)[0])
-    else:
-        verify(ckpt)  # a checkpoint without its manifest (written last) may be half-written
-        config = read_model_config(ckpt)
-        check_layer_count(config, weight_shapes([ckpt / "model.safetensors"]), ckpt / "config.json")
-        with torch.device("meta"):  # the names and shapes to check the file against, unallocated
-            expected = KimbhoV1Model(config)
-        model = KimbhoV1Model.from_weights(config, read_weights(ckpt, expected))
-        stored = _stored_dtype(ckpt / "model.safetensors")
-        tokenizer_path = ckpt / "tokenizer.json"
-        if not tokenizer_path.is_file():
-            tokenizer_path = ckpt.parent.parent / "tokenizer.json"  # checkpoints/step-N/ -> run dir
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise KimbhoError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model was built for {model.config.vocab_size}"
-        )
-    weights_dtype = pick_inference_dtype(dtype, stored, target)
-    model.to(target)
-    for param in model.parameters():  # parameters only: the rotary tables stay fp32
-        param.data = param.data.to(weights_dtype)
-    return model.eval(), tokenizer
-
-
-def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in safetensors `files`, from their headers alone."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-        except FileNotFoundError:
-            raise CorruptCheckpoint(f"weight file {file} is missing") from None
-        except (OSError, SafetensorError) as e:
-            raise CorruptCheckpoint(f"cannot read weights {file}: {_reason(e)}") from None
-    return shapes
-
-
-def check_layer_count(config: KimbhoConfig, names: Iterable[str], config_file: Path) -> None:
-    """Refuse a config that declares more layers than the weights hold, before anything is built
-    for it (a million layers would take minutes to build even as shapes, and terabytes as weights)."""
-    held = {int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))}
-    if config.num_blocks > len(held):
-        raise KimbhoError(
-            f"{config_file} declares {config.num_blocks:,} layers, but the weights hold {len(held):,}: "
-            f"the config does not describe these weights"
-        )
-
-
-def _stored_dtype(weights: Path) -> torch.dtype:
-    """The floating-point dtype a safetensors file stores its matrices in (read from its header)."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            dtype = f.get_slice(name).get_dtype()
-            if dtype in ("BF16", "F16", "F32"):
-                return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
-    return torch.float32
-
-
-def _describe_split(fingerprint: dict[str, Any] | None) -> str:
-    if not fingerprint:
-        return "absent"
-    return f"{fingerprint['tokens']:,} tokens with sha256 {fingerprint['sha256'][:12]}..."
 
 
 def _read_json(path: Path) -> dict[str, Any]:

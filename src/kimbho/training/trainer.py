@@ -28,21 +28,24 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, distributed
-from .config import RunConfig, TrainConfig
-from .data import RandomWindowSampler, TokenStream, dataset_fingerprint, eval_windows, load_meta
-from .device import autocast, peak_flops, pick_device, pick_precision
-from .errors import KimbhoError
-from .evaluation import sum_loss, summarize
-from .generation import generate
-from .guard import StepGuard
-from .interrupt import GracefulStop
+from ..config import RunConfig, TrainConfig
+from ..data.shards import RandomWindowSampler, TokenStream, dataset_fingerprint, eval_windows, load_meta
+from ..data.tokenizer import Tokenizer
+from ..device import autocast, peak_flops, pick_device, pick_precision
+from ..errors import KimbhoError
+from ..evaluation import sum_loss, summarize
+from ..inference.generation import generate
+from ..inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from ..loading import load
+from ..model import KimbhoV1Model
+from ..storage import checkpoints as checkpoint
+from . import distributed
 from .loss import linear_cross_entropy
 from .metrics import DiscardedMetrics, MetricsLog
-from .model import KimbhoV1Model
 from .optim import build_optimizer
-from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from .tokenizer import Tokenizer
+from .resume import resume_differences, saved_train_config
+from .signals import GracefulStop
+from .step_guard import StepGuard
 
 log = logging.getLogger("kimbho")
 
@@ -210,7 +213,7 @@ class Trainer:
             raise KimbhoError(
                 f"--init takes the model config from {model_path}; drop {', '.join(model_keys)}"
             )
-        model, tokenizer = checkpoint.load(model_path)
+        model, tokenizer = load(model_path)
         if tokenizer.sha256 != self.tokenizer.sha256:
             raise KimbhoError(
                 f"{self.data_dir} was prepared with a different tokenizer than {model_path}; "
@@ -308,7 +311,7 @@ class Trainer:
     def _read_checkpoint(self, ckpt: Path, force: bool) -> Found:
         checkpoint.verify(ckpt)
         state = checkpoint.load_trainer_state(ckpt)
-        refusals, changes = checkpoint.resume_differences(ckpt, state, self.run, self.fingerprint)
+        refusals, changes = resume_differences(ckpt, state, self.run, self.fingerprint)
         if refusals and not force:
             raise KimbhoError(
                 f"cannot resume from {ckpt}: {'; '.join(refusals)}. Use the run's original settings "
@@ -320,7 +323,7 @@ class Trainer:
             log.warning(
                 f"train config changed since {ckpt.name}: {', '.join(changes)}; continuing with the new values"
             )
-        saved_optimizer = checkpoint.saved_train_config(ckpt).get("optimizer", self.cfg.optimizer)
+        saved_optimizer = saved_train_config(ckpt).get("optimizer", self.cfg.optimizer)
         if saved_optimizer != self.cfg.optimizer:  # only with --force-resume (a refusal otherwise)
             log.warning(
                 f"--force-resume: {saved_optimizer}'s state is dropped; {self.cfg.optimizer} starts afresh"
@@ -420,7 +423,7 @@ class Trainer:
         return self.tokenizer.decode(ids[0, 1:].tolist(), skip_special_tokens=True)
 
     def save(self) -> Path:
-        """Checkpoint the whole training state at the current step (see `checkpoint.py`). Every
+        """Checkpoint the whole training state at the current step (see `storage/checkpoints.py`). Every
         process takes part (the state is gathered from all of them); rank 0 writes it."""
         weights = distributed.full_weights(self.model)
         optimizer = distributed.full_optimizer_state(self.model, self.optimizer)

@@ -22,8 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import KimbhoError
-from .tokenizer import _EOT_NAMES, EOT, Tokenizer
+from ..data.tokenizer import _EOT_NAMES, EOT, Tokenizer
+from ..errors import KimbhoError
 
 ROLES = ("system", "user", "assistant")
 # A rendered prompt longer than this is refused: 8x the server's largest request body.

@@ -13,17 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .config import KimbhoConfig, RunConfig, TrainConfig
-from .data import TokenStream, prepare
-from .errors import KimbhoError
-from .generation import stream
-from .metrics import read_metrics
-from .model import KimbhoV1Model
-from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from .tokenizer import Tokenizer
-from .train import Trainer
+from ..config import KimbhoConfig, RunConfig, TrainConfig
+from ..data.prepare import prepare
+from ..errors import KimbhoError
+from ..evaluation import unigram_bpb
+from ..inference.generation import stream
+from ..inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from ..model import KimbhoV1Model
+from ..training.metrics import read_metrics
+from ..training.trainer import Trainer
 
 _MARKER = ".kimbho-demo"
 DEMO_VOCAB = 2048
@@ -183,16 +181,3 @@ def _seconds_per_step(cfg: KimbhoConfig, data_dir: Path) -> float:
             times.append(time.perf_counter() - start)
         trainer.metrics.close()
         return statistics.median(times[2:])  # after warm-up; the median shrugs off a busy moment
-
-
-def unigram_bpb(data_dir: Path) -> float:
-    """Bits per byte on the validation split of a unigram model fit to the training split
-    (token frequencies with add-one smoothing): the baseline a language model has to beat."""
-    train, val = TokenStream(data_dir, "train"), TokenStream(data_dir, "val")
-    vocab = train.meta["vocab_size"]
-    counts = np.bincount(train.window(0, len(train)), minlength=vocab).astype(np.float64) + 1.0
-    log_probs = np.log2(counts / counts.sum())
-    val_ids = val.window(0, len(val))
-    bits = -log_probs[val_ids[1:]].sum()  # the same tokens the model is scored on
-    tokenizer = Tokenizer.from_file(Path(data_dir) / "tokenizer.json")
-    return float(bits / tokenizer.count_bytes(val_ids[1:]))

@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import KimbhoError
+from ..errors import KimbhoError
 
 PAD = "<|pad|>"
 EOT = "<|endoftext|>"
@@ -84,7 +84,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike[str], force: bool = True) -> None:
         """Write tokenizer.json atomically (see `staging`); `force=False` refuses to replace a file."""
-        from .staging import staged_file
+        from ..storage.staging import staged_file
 
         with staged_file(Path(path), force) as tmp:
             tmp.write_text(self.to_json())

@@ -8,13 +8,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..data.tokenizer import Tokenizer
+from ..device import compile_decode
+from ..errors import KimbhoError
+from ..model import KimbhoV1Model
 from .beam_search import beam_search
-from .device import compile_decode
 from .engine import Engine, Request
-from .errors import KimbhoError
-from .model import KimbhoV1Model
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
 
 MAX_SLOTS = 64  # generate_batch decodes at most this many sequences at once; the rest wait
 

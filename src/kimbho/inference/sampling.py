@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import KimbhoError
+from ..errors import KimbhoError
 
 # Below this a temperature is greedy, as in vLLM: logits divided by a denormal temperature overflow.
 GREEDY_BELOW = 1e-5

@@ -1,0 +1,60 @@
+"""Resume policy: what may differ between a checkpoint and the run that continues it (refused: another model config, tokenizer, dataset or optimizer; allowed with a warning: other train settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..storage.checkpoints import _read_yaml, read_model_config
+
+
+def saved_train_config(ckpt: Path) -> dict[str, Any]:
+    """The `train:` section of the run config a checkpoint was made with."""
+    return _read_yaml(ckpt / "run.yaml").get("train") or {}
+
+
+def resume_differences(
+    ckpt: Path, state: dict[str, Any], run: RunConfig, fingerprint: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """What differs between checkpoint `ckpt` (with its trainer `state`) and the run about to
+    continue it: (differences that make resuming wrong: model config, tokenizer, dataset;
+    train-config changes, which are allowed)."""
+    refusals = []
+    saved = read_model_config(ckpt)
+    for key, value in saved.to_dict().items():
+        now = getattr(run.model, key)
+        if now != value:
+            refusals.append(f"model.{key} is {value!r} in the checkpoint but {now!r} now")
+    saved_fp = state.get("fingerprint") or {}
+    if saved_fp.get("tokenizer_sha256", fingerprint["tokenizer_sha256"]) != fingerprint["tokenizer_sha256"]:
+        refusals.append(
+            f"the tokenizer differs (sha256 {saved_fp['tokenizer_sha256'][:12]}... in the checkpoint, "
+            f"{fingerprint['tokenizer_sha256'][:12]}... now)"
+        )
+    for split, was in (saved_fp.get("dataset") or {}).items():
+        now = fingerprint["dataset"].get(split)
+        if was != now:
+            refusals.append(
+                f"the dataset's {split} split differs ({_describe_split(was)} in the checkpoint, "
+                f"{_describe_split(now)} now)"
+            )
+    saved_train = saved_train_config(ckpt)
+    current_train = run.to_dict()["train"]
+    if saved_train.get("optimizer", current_train["optimizer"]) != current_train["optimizer"]:
+        refusals.append(
+            f"train.optimizer is {saved_train['optimizer']!r} in the checkpoint but "
+            f"{current_train['optimizer']!r} now, and its state cannot carry over"
+        )
+    changes = [
+        f"train.{key} {saved_train[key]!r} -> {value!r}"
+        for key, value in current_train.items()
+        if key in saved_train and saved_train[key] != value
+    ]
+    return refusals, changes
+
+
+def _describe_split(fingerprint: dict[str, Any] | None) -> str:
+    if not fingerprint:
+        return "absent"
+    return f"{fingerprint['tokens']:,} tokens with sha256 {fingerprint['sha256'][:12]}..."
