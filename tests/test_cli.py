@@ -176,3 +176,14 @@ def test_compiled_generation_gives_the_same_text(trained_run: Path, capsys, monk
 def test_console_script_and_module_agree() -> None:
     r = run_subprocess("--version")
     assert r.returncode == 0 and r.stdout.startswith("kimbho ")
+
+
+def test_help_does_not_import_torch() -> None:
+    """Every command's parser is built without PyTorch (over a second to import), so `kimbho
+    --help` and `kimbho COMMAND --help` answer at once."""
+    import subprocess
+    import sys
+
+    code = "import sys; from kimbho.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -129,7 +129,9 @@ def test_killed_runs_resume_bit_identically(data_dir: Path, tmp_path: Path, refe
         f"SIGKILL just after the save of step 8:               rc {r.returncode}, checkpoints {driver.complete_steps()}"
     )
 
-    r = driver.run("--resume", "--signal", "TERM", "--at", "before:kimbho.training.trainer.Trainer.train_step:2")
+    r = driver.run(
+        "--resume", "--signal", "TERM", "--at", "before:kimbho.training.trainer.Trainer.train_step:2"
+    )
     assert r.returncode == 0, r.stderr
     assert "stopped by SIGTERM after step 10" in r.stderr
     assert driver.complete_steps() == [8, 10]
@@ -150,7 +152,12 @@ SINGLE_KILL_POINTS = [
     ("after-3rd-metrics-record", "after:kimbho.training.metrics.MetricsLog.write:3", [], []),
     ("step-4-weights-written", "after:kimbho.storage.checkpoints.save_file:2", [], [".tmp-step-00000004"]),
     ("best-being-fsynced", "after:kimbho.storage.checkpoints._fsync:4", [], [".tmp-best"]),
-    ("step-4-complete-not-renamed", "before:kimbho.storage.checkpoints._replace_dir:2", [], [".tmp-step-00000004"]),
+    (
+        "step-4-complete-not-renamed",
+        "before:kimbho.storage.checkpoints._replace_dir:2",
+        [],
+        [".tmp-step-00000004"],
+    ),
     (
         "step-4-renamed-parent-not-fsynced",
         r"after:os.replace:1:\.tmp-step-00000004-\d+ \S+/step-00000004$",

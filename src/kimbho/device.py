@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from .errors import KimbhoError
+from .inference.defaults import INFERENCE_DTYPES
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -75,9 +76,6 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "fp32":
         return torch.float32
     raise KimbhoError(f"unknown precision {name!r}; use auto, fp32 or bf16")
-
-
-INFERENCE_DTYPES = ("auto", "fp32", "bf16")
 
 
 def pick_inference_dtype(name: str, stored: torch.dtype, device: torch.device) -> torch.dtype:

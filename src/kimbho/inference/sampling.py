@@ -13,16 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KimbhoError
+from .defaults import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
 # Below this a temperature is greedy, as in vLLM: logits divided by a denormal temperature overflow.
 GREEDY_BELOW = 1e-5
-# How Kimbho samples when the caller says nothing: the CLI, the server, the demo, the trainer's
-# sample texts and the generation_config of a Hugging Face export all read these (the Python
-# API's generate/stream default to greedy, temperature 0, as documented).
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
-# CTRL's penalty divides or multiplies logits by it; the HTTP API takes the same range.
-MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 from ..config import KimbhoConfig
 from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
-from ..inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from ..inference.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..model import KimbhoV1Model
 from ..storage.staging import staged_directory
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from ..inference.sampling import (
+from ..inference.defaults import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
     MAX_REPETITION_PENALTY,

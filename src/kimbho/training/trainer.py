@@ -34,8 +34,8 @@ from ..data.tokenizer import Tokenizer
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..errors import KimbhoError
 from ..evaluation import sum_loss, summarize
+from ..inference.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..inference.generation import generate
-from ..inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..loading import load
 from ..model import KimbhoV1Model
 from ..storage import checkpoints as checkpoint

@@ -1,0 +1,39 @@
+"""What the commands share: the inference options (--device, --dtype) and loading MODEL with them."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def load_model(args: argparse.Namespace, dtype: str | None = None):  # type: ignore[no-untyped-def]
+    """The MODEL argument loaded on --device in --dtype (the inference commands' options)."""
+    from ..loading import load
+
+    return load(args.model, device=getattr(args, "device", "cpu"), dtype=dtype or args.dtype)
+
+
+def add_inference_options(
+    parser: argparse.ArgumentParser, device: bool = True, dtype_help: str = "precision of the weights"
+) -> None:
+    """--device and --dtype, as every inference command takes them (INTERFACE.md)."""
+    from ..inference.defaults import INFERENCE_DTYPES
+
+    if device:
+        parser.add_argument(
+            "--device",
+            default="auto",
+            metavar="DEVICE",
+            help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps (default auto)",
+        )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=INFERENCE_DTYPES,
+        help=f"{dtype_help}: auto keeps the checkpoint's where the device computes it natively (default auto)",
+    )
+
+
+# The inputs of `tokenizer train` and `prepare`.
+INPUTS_HELP = (
+    "text file, directory (recursive), glob or .jsonl; default: the built-in corpus (CPython's docs)"
+)
