@@ -43,6 +43,7 @@ llama-cpp: $(STAMP)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(BIN)/pip install "$(LLAMA_CPP_PYTHON)"
 
 lint: $(STAMP)
+	$(BIN)/mypy
 	$(BIN)/ruff check src tests bench train_kimbho_v1.py
 	$(BIN)/ruff format --check src tests bench train_kimbho_v1.py
 

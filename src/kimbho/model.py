@@ -217,6 +217,8 @@ class KimbhoV1Model(nn.Module):
         self.checkpoint_activations = False
         # Not persistent: derived from the config, so they stay out of checkpoints.
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
+        self.rope_cos: torch.Tensor
+        self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def load_model(args: argparse.Namespace, dtype: str | None = None):  # type: ignore[no-untyped-def]
+def load_model(args: argparse.Namespace, dtype: str | None = None):
     """The MODEL argument loaded on --device in --dtype (the inference commands' options)."""
     from ..loading import load
 

@@ -12,7 +12,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(minutes=args.minutes, out=Path(args.out))
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo", help="tokenizer, data, training and samples on the built-in corpus, in minutes"
     )

@@ -18,7 +18,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate(model, tokenizer, args.data, max_tokens=args.max_tokens)))
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text (one JSON object)")
     ev.add_argument("model", metavar="MODEL")
     ev.add_argument(

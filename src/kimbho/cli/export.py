@@ -42,7 +42,7 @@ def byte_size(text: str) -> int:
     return size
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file")
     export_sub = export.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
     model_help = "run directory, checkpoint directory or Hugging Face directory"

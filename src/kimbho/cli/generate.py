@@ -44,12 +44,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     model, tokenizer = load_model(args)
     if args.prompt is not None:
-        _print_generation(stream(model, tokenizer, args.prompt, **options), args.prompt, args.stream)  # type: ignore[arg-type]
+        _print_generation(stream(model, tokenizer, args.prompt, **options), args.prompt, args.stream)
         return
     failed = 0
     for prompt in _stdin_prompts():  # interactive: a bad prompt is reported and the session goes on
         try:
-            _print_generation(stream(model, tokenizer, prompt, **options), prompt, args.stream)  # type: ignore[arg-type]
+            _print_generation(stream(model, tokenizer, prompt, **options), prompt, args.stream)
         except KimbhoError as e:
             print(f"kimbho: error: {e}", file=sys.stderr, flush=True)
             failed += 1
@@ -77,7 +77,7 @@ def _stdin_prompts() -> Iterator[str]:
             yield line.rstrip("\n")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="continue a prompt (no --prompt: read prompts from stdin)")
     gen.add_argument(
         "model", metavar="MODEL", help="run directory, checkpoint directory or Hugging Face directory"

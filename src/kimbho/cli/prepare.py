@@ -37,7 +37,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     prep = sub.add_parser("prepare", help="tokenize text into token shards for training")
     prep.add_argument("--input", nargs="+", metavar="PATH", help=INPUTS_HELP)
     which = prep.add_mutually_exclusive_group(required=True)

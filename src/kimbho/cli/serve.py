@@ -28,7 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server with a playground page (needs kimbho[serve])"
     )

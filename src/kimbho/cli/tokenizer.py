@@ -26,7 +26,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {tokenizer.vocab_size} tokens")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     tok_train = tok_sub.add_parser("train", help="train a tokenizer on text")

@@ -77,7 +77,7 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..config import config_help
 
     train = sub.add_parser(

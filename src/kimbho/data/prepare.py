@@ -172,14 +172,14 @@ class _ShardWriter:
 
     def __init__(self, out: Path, split: str, dtype: type, shard_tokens: int) -> None:
         self.out, self.split, self.dtype = out, split, dtype
-        self.buffer = np.empty(shard_tokens, dtype=dtype)
+        self.buffer: np.ndarray = np.empty(shard_tokens, dtype=dtype)
         self.fill = 0
         self.shards: list[str] = []
         self.tokens = self.documents = self.bytes = 0
         self.digest = hashlib.sha256()
 
     def write(self, ids: list[int], num_bytes: int, eot: int | None) -> None:
-        array = np.asarray(ids + ([eot] if eot is not None else []), dtype=self.dtype)
+        array: np.ndarray = np.asarray(ids + ([eot] if eot is not None else []), dtype=self.dtype)
         self.tokens += len(array)
         self.bytes += num_bytes
         self.documents += eot is not None
@@ -197,7 +197,7 @@ class _ShardWriter:
         name = f"{self.split}-{len(self.shards):05d}.npy"
         data = self.buffer[: self.fill]
         np.save(self.out / name, data)
-        self.digest.update(memoryview(data))  # no copy of the (up to 256 MiB) buffer
+        self.digest.update(data.data)  # a view: no copy of the (up to 256 MiB) buffer
         self.shards.append(name)
         self.fill = 0
 

@@ -108,7 +108,7 @@ class TokenStream:
                         f"vocabulary of {vocab_size}: it is corrupt; prepare the data again"
                     )
                 if check_hash:
-                    digest.update(memoryview(piece))
+                    digest.update(piece.data)
         if check_hash and digest.hexdigest() != self.meta["splits"][self.split]["sha256"]:
             raise KimbhoError(
                 f"the {self.split} shards of {self.data_dir} do not match the SHA-256 in meta.json: a "

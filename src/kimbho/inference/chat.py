@@ -64,7 +64,8 @@ class ChatFormat:
                     f"the tokenizer has no chat format: it lacks {', '.join(missing) or EOT} and the model "
                     f"directory has no chat_template"
                 )
-            self._role_ids = {r: tokenizer.token_to_id(f"<|{r}|>") for r in ROLES}
+            found = {r: tokenizer.token_to_id(f"<|{r}|>") for r in ROLES}
+            self._role_ids = {r: i for r, i in found.items() if i is not None}  # all of them: checked
 
     @classmethod
     def for_model(cls, tokenizer: Tokenizer, model_dir: str | os.PathLike[str] | None) -> ChatFormat | None:
@@ -85,11 +86,13 @@ class ChatFormat:
             raise KimbhoError("messages must hold at least one message")
         if self.template is None:
             ids: list[int] = []
+            eot = self.tokenizer.eot_id
+            assert eot is not None  # checked when the format was made
             for m in messages:
                 if m["role"] not in self._role_ids:
                     raise KimbhoError(f"role {m['role']!r} is not one of {', '.join(ROLES)}")
                 ids += [self._role_ids[m["role"]], *self.tokenizer.encode(m["content"])]
-                ids.append(self.tokenizer.eot_id)  # type: ignore[arg-type]
+                ids.append(eot)
             return [*ids, self._role_ids["assistant"]]
         from jinja2 import TemplateError
 

@@ -447,7 +447,7 @@ def decode_step(
     return model.head(hidden[:, -1])
 
 
-def _compiled_decode_step(cache: KVCache, device: torch.device):  # type: ignore[no-untyped-def]
+def _compiled_decode_step(cache: KVCache, device: torch.device):
     """`decode_step` compiled with static shapes. On CUDA it is captured in a CUDA graph
     (mode "reduce-overhead": one launch per step instead of hundreds); the cache tensors are
     marked static so the graph may write into them in place."""
@@ -457,7 +457,7 @@ def _compiled_decode_step(cache: KVCache, device: torch.device):  # type: ignore
     torch._dynamo.mark_static_address(cache.values)
     compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
 
-    def step(*args):  # type: ignore[no-untyped-def]
+    def step(*args):
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         return compiled(*args)
 
@@ -465,7 +465,7 @@ def _compiled_decode_step(cache: KVCache, device: torch.device):  # type: ignore
 
 
 @functools.cache
-def _cpu_compiled_decode_step():  # type: ignore[no-untyped-def]
+def _cpu_compiled_decode_step():
     """`decode_step` compiled for the CPU, its few-row matrix products rewritten to read the
     weights at memory speed (see `small_matmul`). One per process: each engine after the first
     reuses the graphs compiled for its shapes."""

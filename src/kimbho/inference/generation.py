@@ -55,8 +55,9 @@ def generate(
         **options,  # type: ignore[arg-type]
     )
     width = max(len(r) for r in rows)
-    padded = [r + [eos_token_id] * (width - len(r)) for r in rows]  # short rows only when eos is set
-    return torch.tensor(padded, dtype=torch.long, device=model.embed.weight.device)
+    if eos_token_id is not None:  # only then can a row end early
+        rows = [r + [eos_token_id] * (width - len(r)) for r in rows]
+    return torch.tensor(rows, dtype=torch.long, device=model.embed.weight.device)
 
 
 def generate_batch(
@@ -86,7 +87,10 @@ def generate_batch(
     )
     _check_beams(num_beams, params, seed)
     stop = (eos_token_id,) if eos_token_id is not None else ()
-    requests = [Request(p, max_new_tokens, params, seed, stop) for p in prompts]
+    requests = [
+        Request(p.tolist() if isinstance(p, torch.Tensor) else p, max_new_tokens, params, seed, stop)
+        for p in prompts
+    ]
     if not requests:
         return []
     compile = compile_decode(compile, model.embed.weight.device)

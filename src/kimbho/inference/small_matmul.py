@@ -52,7 +52,7 @@ class SmallMatmulPass(CustomGraphPass):
 
 def _rewrite_matmul(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """rows (M, K) @ weight.T as a sum over K of weight (N, 1, K) * rows (M, K)."""
-    rows, weight_t = node.args  # (M, K) and (K, N): the weight transposed
+    rows, weight_t = (_node(a) for a in node.args)  # (M, K) and (K, N): the weight transposed
     val = rows.meta["val"]
     if val.device.type != "cpu" or val.shape[0] > FEW_ROWS:
         return
@@ -72,10 +72,11 @@ def _rewrite_matmul(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
 def _rewrite_attention(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """Attention of one query per sequence over the cached keys, grouped-query heads included:
     query head h reads key/value head h // group, as `enable_gqa` does."""
-    query, key, value = node.args[:3]
+    query, key, value = (_node(a) for a in node.args[:3])
     dropout = node.args[3] if len(node.args) > 3 else 0.0
     causal = node.args[4] if len(node.args) > 4 else False
-    mask, scale = node.kwargs.get("attn_mask"), node.kwargs.get("scale")
+    mask = _node(node.kwargs["attn_mask"]) if node.kwargs.get("attn_mask") is not None else None
+    scale = node.kwargs.get("scale")
     q, k = query.meta["val"], key.meta["val"]
     B, H, T, D = q.shape
     KV = k.shape[1]
@@ -110,11 +111,18 @@ def _rewrite_attention(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     graph.erase_node(node)
 
 
+def _node(arg: Any) -> torch.fx.Node:
+    """An argument that must be a node of the graph (the tensors the pattern reads)."""
+    assert isinstance(arg, torch.fx.Node), arg
+    return arg
+
+
 def _call(graph: torch.fx.Graph, op: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
     """A new node of `op`, with the fake-tensor value Inductor's lowering reads."""
     node = graph.call_function(op, args, kwargs)
     values = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
     fake_mode = torch._guards.detect_fake_mode(values)
+    assert fake_mode is not None  # the graph's values are fake tensors
     with fake_mode:
         node.meta["val"] = op(*values, **kwargs)
     return node

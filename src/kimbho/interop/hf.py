@@ -266,12 +266,15 @@ def special_tokens(tokenizer: Tokenizer) -> dict[str, tuple[str, int]]:
     """{"bos" | "eos" | "pad": (token text, id)} for the tokens the tokenizer has. Kimbho's own
     tokenizers begin documents with end-of-text (as GPT-2 does), so it is also the BOS."""
     found: dict[str, tuple[str, int]] = {}
-    bos = next((t for t in _BOS_NAMES if tokenizer.token_to_id(t) is not None), None)
-    if bos is not None:
-        found["bos"] = (bos, tokenizer.token_to_id(bos))  # type: ignore[assignment]
+    for name in _BOS_NAMES:
+        bos_id = tokenizer.token_to_id(name)
+        if bos_id is not None:
+            found["bos"] = (name, bos_id)
+            break
     for role, token_id in (("eos", tokenizer.eot_id), ("pad", tokenizer.pad_id)):
-        if token_id is not None:
-            found[role] = (tokenizer.inner.id_to_token(token_id), token_id)
+        text = tokenizer.inner.id_to_token(token_id) if token_id is not None else None
+        if token_id is not None and text is not None:
+            found[role] = (text, token_id)
     if "bos" not in found and "eos" in found:
         found["bos"] = found["eos"]
     return dict(sorted(found.items()))

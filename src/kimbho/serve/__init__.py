@@ -67,10 +67,12 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
     **options: object,
 ) -> None:
     """Serve `model_path` on host:port until interrupted; see `build_app` for the rest."""
-    app = build_app(model_path, api_key, **options)
+    app = build_app(model_path, api_key, device, dtype, **options)
     import uvicorn
 
     settings, chat = app.state.options, app.state.chat

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -388,7 +388,9 @@ class _Service:
 
     # Responses.
 
-    async def _events(self, job: Job, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    async def _events(
+        self, job: Job, requests: list[EngineRequest]
+    ) -> AsyncGenerator[tuple[int, TokenEvent]]:
         """(prompt index, event) pairs of `job` until every sequence has finished; cancels the
         job if the consumer stops early (a disconnect) or the deadline passes."""
         remaining = sum(r.n for r in requests)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from typing import Any
 
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .protocol import error_body
 
@@ -31,14 +30,14 @@ class Guard:
             await self.app(scope, receive, send)
             return
         if self.api_key is not None and scope["path"] != "/health" and not self._authorized(scope):
-            headers = {"WWW-Authenticate": 'Basic realm="kimbho"' if scope["path"] == "/" else "Bearer"}
-            message = "a valid API key is required: send the header Authorization: Bearer KEY"
+            challenge = {"WWW-Authenticate": 'Basic realm="kimbho"' if scope["path"] == "/" else "Bearer"}
+            reason = "a valid API key is required: send the header Authorization: Bearer KEY"
             response = JSONResponse(
-                error_body(message, None, "authentication_error", "invalid_api_key"), 401, headers
+                error_body(reason, None, "authentication_error", "invalid_api_key"), 401, challenge
             )
             await response(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        headers: dict[bytes, bytes] = dict(scope["headers"])
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
@@ -67,7 +66,7 @@ class Guard:
                 break
         replayed = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -88,4 +87,4 @@ class Guard:
                 return False
         elif scheme.lower() != b"bearer":
             return False
-        return hmac.compare_digest(credentials.strip(), self.api_key)  # type: ignore[arg-type]
+        return hmac.compare_digest(credentials.strip(), self.api_key)

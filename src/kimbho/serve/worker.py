@@ -49,7 +49,7 @@ class Job:
 
     requests: Sequence[Request]
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # type: ignore[type-arg]
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     engine_ids: dict[int, int] = field(default_factory=dict)  # engine request id -> prompt index
     admitted: int = 0  # requests of this job already in slots
     cancelled: bool = False

@@ -104,8 +104,8 @@ def save_checkpoint(
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         (tmp / writing).write_text(json.dumps({"step": step, **manifest_extra, "files": files}, indent=2))
         writing = ""
-        for f in tmp.iterdir():
-            _fsync(f)
+        for written in tmp.iterdir():
+            _fsync(written)
         _fsync(tmp)
         _replace_dir(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports write errors as RuntimeError

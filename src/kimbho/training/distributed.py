@@ -284,7 +284,10 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     Under FSDP it gathers the shards: every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state: dict[str, Any] = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    return state
 
 
 def full_optimizer_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
@@ -314,7 +317,7 @@ def load_full_state(
     )
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1)
-    set_model_state_dict(model, weights, options=options)
+    set_model_state_dict(model, dict(weights), options=options)
     if with_optimizer:
         state = _keyed_by_name(model, optimizer, optimizer_state)
         set_optimizer_state_dict(model, _parts(optimizer), state, options=options)

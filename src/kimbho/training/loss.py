@@ -56,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T`; gradients computed during the forward pass."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -95,7 +95,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
             grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,

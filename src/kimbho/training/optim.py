@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..config import TrainConfig
 from ..device import adamw_fused, pick_precision
+
+if TYPE_CHECKING:
+    from ..model import KimbhoV1Model
 
 # Quintic Newton–Schulz coefficients from Jordan's Muon (chosen to maximise the slope at zero, so
 # five steps suffice; singular values land near, not at, one, which does not hurt training).
@@ -163,7 +166,7 @@ def _shift(groups: list[dict[str, Any]], offset: int) -> list[dict[str, Any]]:
 Optimizer = torch.optim.Optimizer | MuonWithAdamW
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
+def build_optimizer(model: KimbhoV1Model, cfg: TrainConfig, device: torch.device) -> Optimizer:
     """The optimizer `cfg.optimizer` names, over `model`'s parameters: weight decay on matrices,
     none on gains; for `muon`, Muon on the 2-D weights of `model.blocks` and AdamW on the rest."""
     hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2} if cfg.optimizer == "muon" else set()

@@ -57,6 +57,6 @@ class StepGuard:
         return {"recent": [list(r) for r in self.recent], "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.recent = deque((tuple(r) for r in state["recent"]), maxlen=SPIKE_WINDOW)  # type: ignore[misc]
+        self.recent = deque((tuple(r) for r in state["recent"]), maxlen=SPIKE_WINDOW)
         self.consecutive = int(state["consecutive"])
         self.last_reason = None

@@ -338,10 +338,10 @@ class Trainer:
         distributed.load_full_state(
             self.model, self.optimizer, weights, state.get("optimizer") or {}, self.world, with_optimizer
         )
-        shared = self.world.broadcast(
+        shared: dict[str, Any] = self.world.broadcast(
             {key: state.get(key) for key in ("progress", "guard", "rng", "rng_by_rank")}
         )
-        self.progress = Progress(**shared["progress"])
+        self.progress = Progress(**shared["progress"])  # every trainer.pt has one
         if shared["guard"] is not None:
             self.guard.load_state_dict(shared["guard"])
         saved_rng = shared["rng_by_rank"] or [shared["rng"]]  # one state per process of the saved run
@@ -428,7 +428,7 @@ class Trainer:
         weights = distributed.full_weights(self.model)
         optimizer = distributed.full_optimizer_state(self.model, self.optimizer)
         rng = self.world.gather(_rng_state())
-        state = {
+        state: dict[str, Any] = {
             "optimizer": optimizer,
             "progress": {**vars(self.progress), "interval_losses": list(self.progress.interval_losses)},
             # The sampler's position, explicitly: batch `next_step` of RandomWindowSampler(seed).
@@ -474,9 +474,11 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to `max_steps`; returns the last train and eval records, plus `stopped_by` (the
-        signal's name) when SIGTERM/SIGINT ended the run early, after saving a checkpoint."""
+        signal's name) when SIGTERM/SIGINT ended the run early, after saving a checkpoint.
+
+        Each step: train, then whatever is due at the step just done, in this order: a train
+        record, validation, a sample text, a checkpoint; a signal stops the run after the step."""
         cfg = self.cfg
-        tokens_per_step = cfg.batch_size * self.seq_len
         self.model.train()
         bar = tqdm(
             total=cfg.max_steps,
@@ -486,78 +488,33 @@ class Trainer:
             disable=not (self.progress_bar and self.world.is_main) or None,
             dynamic_ncols=True,
         )
-        interval_losses = self.progress.interval_losses
-        interval_start, interval_steps = time.perf_counter(), 0
-        session_start, elapsed_before = time.perf_counter(), self.progress.elapsed_sec
+        clock = _Clock(self.progress.elapsed_sec)
         last: dict[str, Any] = {}
         try:
             with GracefulStop() as stop:
                 while self.progress.step < cfg.max_steps:
                     step = self.progress.step
                     loss, grad_norm = self.train_step(step)
-                    self.progress.step += 1
-                    self.progress.tokens_seen += tokens_per_step
-                    self.progress.elapsed_sec = elapsed_before + time.perf_counter() - session_start
-                    interval_steps += 1
+                    done = self._count_step(loss, grad_norm, clock)
                     bar.update(1)
-                    done = self.progress.step
-                    if self.guard.last_reason is None:
-                        interval_losses.append(loss)
-                    else:
-                        self._record_skip(done, loss, grad_norm)
-                    if done % cfg.log_every == 0 or done == cfg.max_steps:
-                        seconds = time.perf_counter() - interval_start
-                        tokens_per_sec = interval_steps * tokens_per_step / max(seconds, 1e-9)
-                        record = {
-                            "loss": sum(interval_losses) / len(interval_losses) if interval_losses else None,
-                            "lr": lr_at(step, cfg),
-                            "grad_norm": _finite_or_none(grad_norm),
-                            "tokens_seen": self.progress.tokens_seen,
-                            "tokens_per_sec": tokens_per_sec,
-                            # Only rank 0 writes records: the others skip timing the peak.
-                            "mfu": self.mfu(tokens_per_sec) if self.world.is_main else None,
-                            "elapsed_sec": self.progress.elapsed_sec,
-                            "skipped_steps": self.progress.skipped_steps,
-                        }
-                        self.metrics.write("train", done, **record)
-                        last["train"] = record
-                        if record["loss"] is not None and self.world.is_main:
-                            bar.set_postfix(
-                                loss=f"{record['loss']:.3f}",
-                                tok_s=f"{tokens_per_sec:.0f}",
-                                mfu=f"{record['mfu']:.0%}",
-                            )
-                        interval_losses.clear()
-                        interval_start, interval_steps = time.perf_counter(), 0
-                    eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps
-                    if eval_due and (result := self.evaluate()) is not None:
-                        record = {
-                            "val_loss": result["loss"],
-                            "val_ppl": result["perplexity"],
-                            "val_bpb": result["bits_per_byte"],
-                        }
-                        self.metrics.write("eval", done, **record)
+                    if _due(done, cfg.log_every, cfg.max_steps):
+                        last["train"] = self._log(step, grad_norm, clock, bar)
+                    eval_due = _due(done, cfg.eval_every, cfg.max_steps)
+                    if eval_due and (record := self._validate(done, bar)) is not None:
                         last["eval"] = record
-                        if self.world.is_main:
-                            bar.write(
-                                f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}"
-                            )
-                        self._save_best(record["val_loss"])
                     # Samples come with each validation unless sample_every sets their own rhythm.
                     sample_due = done % cfg.sample_every == 0 if cfg.sample_every else eval_due
                     if sample_due and cfg.sample_tokens:
                         self.metrics.write("sample", done, text=self.sample_text())
                     # A signal seen by any process stops all of them after this same step.
                     signum = self.world.max(signal.Signals[stop.signal_name].value if stop.signal_name else 0)
-                    save_due = (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps
-                    if save_due or signum:
+                    if _due(done, cfg.save_every, cfg.max_steps) or signum:
                         saved = self.save()
                     if signum:
-                        name = signal.Signals(signum).name
+                        last["stopped_by"] = signal.Signals(signum).name
                         log.warning(
-                            f"stopped by {name} after step {done}: saved {saved}; continue with --resume"
+                            f"stopped by {last['stopped_by']} after step {done}: saved {saved}; continue with --resume"
                         )
-                        last["stopped_by"] = name
                         break
         except RuntimeError as e:
             if self.world.size == 1 or not distributed.lost_contact(e):
@@ -570,6 +527,58 @@ class Trainer:
             bar.close()
             self.metrics.close()
         return last
+
+    def _count_step(self, loss: float, grad_norm: float, clock: _Clock) -> int:
+        """Advance the progress counters past the step just trained; returns its number."""
+        self.progress.step += 1
+        self.progress.tokens_seen += self.cfg.batch_size * self.seq_len
+        self.progress.elapsed_sec = clock.elapsed()
+        clock.steps += 1
+        if self.guard.last_reason is None:
+            self.progress.interval_losses.append(loss)
+        else:
+            self._record_skip(self.progress.step, loss, grad_norm)
+        return self.progress.step
+
+    def _log(self, step: int, grad_norm: float, clock: _Clock, bar: tqdm) -> dict[str, Any]:
+        """The train record of the steps since the last one (the loss: their mean)."""
+        losses = self.progress.interval_losses
+        tokens_per_sec = clock.steps * self.cfg.batch_size * self.seq_len / max(clock.interval(), 1e-9)
+        record: dict[str, Any] = {
+            "loss": sum(losses) / len(losses) if losses else None,
+            "lr": lr_at(step, self.cfg),
+            "grad_norm": _finite_or_none(grad_norm),
+            "tokens_seen": self.progress.tokens_seen,
+            "tokens_per_sec": tokens_per_sec,
+            # Only rank 0 writes records: the others skip timing the peak.
+            "mfu": self.mfu(tokens_per_sec) if self.world.is_main else None,
+            "elapsed_sec": self.progress.elapsed_sec,
+            "skipped_steps": self.progress.skipped_steps,
+        }
+        self.metrics.write("train", self.progress.step, **record)
+        if record["loss"] is not None and self.world.is_main:
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:.0f}", mfu=f"{record['mfu']:.0%}"
+            )
+        losses.clear()
+        clock.restart_interval()
+        return record
+
+    def _validate(self, done: int, bar: tqdm) -> dict[str, Any] | None:
+        """The eval record at step `done` (None without a validation split); keeps the best."""
+        result = self.evaluate()
+        if result is None:
+            return None
+        record = {
+            "val_loss": result["loss"],
+            "val_ppl": result["perplexity"],
+            "val_bpb": result["bits_per_byte"],
+        }
+        self.metrics.write("eval", done, **record)
+        if self.world.is_main:
+            bar.write(f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}")
+        self._save_best(record["val_loss"])
+        return record
 
     def _record_skip(self, done: int, loss: float, grad_norm: float) -> None:
         """Count a step the guard refused; stop the run when too many come in a row."""
@@ -589,6 +598,30 @@ class Trainer:
             )
 
 
+class _Clock:
+    """Wall-clock time of a training session: the run's elapsed seconds (carried over a resume)
+    and the current logging interval's (for tokens/s)."""
+
+    def __init__(self, elapsed_before: float) -> None:
+        self.session_start = self.interval_start = time.perf_counter()
+        self.elapsed_before = elapsed_before
+        self.steps = 0  # steps in the current interval
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def interval(self) -> float:
+        return time.perf_counter() - self.interval_start
+
+    def restart_interval(self) -> None:
+        self.interval_start, self.steps = time.perf_counter(), 0
+
+
+def _due(done: int, every: int, last: int) -> bool:
+    """Whether something done every `every` steps (0: only at the end) is due after step `done`."""
+    return bool(every and done % every == 0) or done == last
+
+
 def _process_seed(seed: int, rank: int, step: int = 0) -> int:
     """A seed for the random stream (dropout) of process `rank`, distinct for each process."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
@@ -602,7 +635,7 @@ def _finite_or_none(value: float) -> float | None:
 def _rng_state() -> dict[str, Any]:
     """Every random generator's state as tensors and plain lists (loadable with weights_only=True)."""
     py_version, py_state, py_gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [py_version, list(py_state), py_gauss],
