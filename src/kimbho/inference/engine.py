@@ -35,7 +35,7 @@ import torch
 
 from ..data.tokenizer import TextStream, Tokenizer
 from ..device import compile_decode
-from ..errors import KimbhoError
+from ..errors import KimbhoError, RequestError
 from ..model import KimbhoV1Model, KVCache
 from .sampling import SamplingParams, draw, process_logits
 
@@ -66,15 +66,17 @@ class Request:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
         if not self.prompt:
-            raise KimbhoError("the prompt is empty; start it with at least one token (e.g. end-of-text)")
+            raise RequestError(
+                "the prompt is empty; start it with at least one token (e.g. end-of-text)", "prompt"
+            )
         if self.max_new_tokens < 0:
-            raise KimbhoError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise RequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}", "max_new_tokens")
         if self.n < 1:
-            raise KimbhoError(f"n (samples per prompt) must be >= 1, got {self.n}")
+            raise RequestError(f"n (samples per prompt) must be >= 1, got {self.n}", "n")
         if self.logprobs is not None and self.logprobs < 0:
-            raise KimbhoError(f"logprobs must be >= 0 (or None: off), got {self.logprobs}")
+            raise RequestError(f"logprobs must be >= 0 (or None: off), got {self.logprobs}", "logprobs")
         if any(not s for s in self.stop):
-            raise KimbhoError("stop strings must not be empty")
+            raise RequestError("stop strings must not be empty", "stop")
 
 
 @dataclass
@@ -168,16 +170,10 @@ class Engine:
         """`add` for several requests at once: prompts that land in neighbouring slots are
         prefilled together, in one forward pass, unless padding them to the longest would more
         than double the work. Checks them all before adding any."""
-        vocab = self.model.config.vocab_size
         for request in requests:
             if request.max_new_tokens < 1:
-                raise KimbhoError("an engine request needs max_new_tokens >= 1")
-            self.check_fits(len(request.prompt), request.max_new_tokens)
-            bad = [t for t in (*request.prompt, *request.stop_token_ids) if not 0 <= t < vocab]
-            if bad:
-                raise KimbhoError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
-            if request.stop and self.tokenizer is None:
-                raise KimbhoError("stop strings need text: create the Engine with a tokenizer")
+                raise RequestError("an engine request needs max_new_tokens >= 1", "max_new_tokens")
+            self.check(request)
         needed = sum(r.n for r in requests)
         if needed > self.free_slots:
             raise KimbhoError(f"the requests need {needed} free slots and the engine has {self.free_slots}")
@@ -218,6 +214,27 @@ class Engine:
             self._next_id += 1
         return ids
 
+    def check(self, request: Request) -> None:
+        """Whether this engine can serve `request`, or a `RequestError` naming the field that
+        stops it: the one place for these rules (the server, `generate` and `stream` read them)."""
+        self.check_fits(len(request.prompt), request.max_new_tokens)
+        if request.n > self.slots:
+            raise RequestError(
+                f"n={request.n} samples would need {request.n} free slots and the engine has {self.slots} in all",
+                "n",
+            )
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in request.prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(
+                f"token id {bad} is outside the model's vocabulary of {vocab} (0..{vocab - 1})", "prompt"
+            )
+        bad = next((t for t in request.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"stop token id {bad} is outside the model's vocabulary of {vocab}", "stop")
+        if request.stop and self.tokenizer is None:
+            raise RequestError("stop strings need text: create the Engine with a tokenizer", "stop")
+
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         """A clear error when a prompt plus its new tokens would not fit in a slot."""
         if prompt_len + max_new_tokens > self.max_len:
@@ -226,8 +243,10 @@ class Engine:
                 if self.max_len == self.model.config.max_seq_len
                 else "the engine's slot length"
             )
-            raise KimbhoError(
-                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds {where} of {self.max_len}"
+            raise RequestError(
+                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds {where} of "
+                f"{self.max_len}; ask for at most {max(self.max_len - prompt_len, 0)} new tokens or shorten the prompt",
+                "max_new_tokens",
             )
 
     @torch.inference_mode()
@@ -266,11 +285,7 @@ class Engine:
         yields the events of every step. A request of `max_new_tokens=0` yields nothing."""
         waiting = deque(r for r in requests if r.max_new_tokens > 0)
         for request in waiting:
-            if request.n > self.slots:
-                raise KimbhoError(
-                    f"a request asks for n={request.n} samples but the engine has {self.slots} slots"
-                )
-            self.check_fits(len(request.prompt), request.max_new_tokens)
+            self.check(request)
         while waiting or self.busy:
             admitted, free = [], self.free_slots
             while waiting and waiting[0].n <= free:

@@ -153,7 +153,7 @@ def stream(
         return iter([tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eot_id else new)])
     max_len = _slot_length(model, len(ids) + max_new_tokens, compile)
     engine = Engine(model, tokenizer, slots=1, max_len=max_len, compile=compile)
-    engine.check_fits(len(ids), max_new_tokens)  # here, not at the first piece
+    engine.check(request)  # here, not at the first piece
     return (event.text for event in engine.run([request]) if event.text)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import KimbhoError
+from ..errors import RequestError
 from .defaults import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
 # Below this a temperature is greedy, as in vLLM: logits divided by a denormal temperature overflow.
@@ -37,22 +37,25 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise KimbhoError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise RequestError(
+                f"temperature must be >= 0 (0 is greedy), got {self.temperature}", "temperature"
+            )
         if self.top_k is not None and self.top_k < 0:
-            raise KimbhoError(f"top_k must be >= 0 (0 or None: off), got {self.top_k}")
+            raise RequestError(f"top_k must be >= 0 (0 or None: off), got {self.top_k}", "top_k")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise KimbhoError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise KimbhoError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
             # Dividing logits by a denormal penalty overflows them to inf, and then NaN.
-            raise KimbhoError(
+            raise RequestError(
                 f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] "
-                f"(1 is off), got {self.repetition_penalty}"
+                f"(1 is off), got {self.repetition_penalty}",
+                "repetition_penalty",
             )
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
-                raise KimbhoError(f"{name} must be in [-2, 2] (0 is off), got {getattr(self, name)}")
+                raise RequestError(f"{name} must be in [-2, 2] (0 is off), got {getattr(self, name)}", name)
 
     @property
     def greedy(self) -> bool:

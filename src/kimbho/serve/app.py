@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..data.tokenizer import Tokenizer
-from ..errors import KimbhoError
+from ..errors import KimbhoError, RequestError
 from ..inference.chat import ChatFormat
 from ..inference.engine import Engine, TokenEvent
 from ..inference.engine import Request as EngineRequest
@@ -282,7 +282,9 @@ class _Service:
         if max_tokens is None:  # as OpenAI: the reply may fill what the context leaves
             max_tokens = max(self.engine.max_len - len(ids), 1)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        request_ = self._engine_request(body, ids, max_tokens, logprobs, self.chat_format.stop_token_ids)
+        request_ = self._engine_request(
+            body, ids, max_tokens, logprobs, self.chat_format.stop_token_ids, chat=True
+        )
         job = self._submit([request_])
         kind = {"object": "chat.completion", "id": f"chatcmpl-{uuid.uuid4().hex}"}
 
@@ -317,23 +319,9 @@ class _Service:
     # Requests.
 
     def _prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-        """The prompt(s) as token id lists, refusing empty prompts and ids outside the vocabulary."""
+        """The prompt(s) as token id lists (checked with the rest of the request, by the engine)."""
         prompts: list[Any] = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
-        out = []
-        for p in prompts:
-            if isinstance(p, str):
-                if not p:
-                    raise APIError(400, "prompt is empty; give at least one character or token", "prompt")
-                p = self.tokenizer.encode(p)
-            bad = next((t for t in p if not 0 <= t < self.vocab), None)
-            if bad is not None:
-                raise APIError(
-                    400,
-                    f"token id {bad} is outside the model's vocabulary of {self.vocab} (0..{self.vocab - 1})",
-                    "prompt",
-                )
-            out.append(p)
-        return out
+        return [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
 
     def _engine_request(
         self,
@@ -342,39 +330,36 @@ class _Service:
         max_tokens: int,
         logprobs: int | None,
         stop_ids: tuple[int, ...] | None = None,
+        chat: bool = False,
     ) -> EngineRequest:
-        if len(ids) + max_tokens > self.engine.max_len:
-            raise APIError(
-                400,
-                f"prompt of {len(ids)} tokens + max_tokens of {max_tokens} exceeds the context of "
-                f"{self.engine.max_len} tokens; lower max_tokens to at most {max(self.engine.max_len - len(ids), 0)} "
-                f"or shorten the prompt",
-                "max_tokens",
-            )
-        if body.n > self.engine.slots:
-            raise APIError(400, f"n={body.n} is more than this server's {self.engine.slots} slots", "n")
-        if any(not s for s in body.stops()):
-            raise APIError(400, "stop strings must not be empty", "stop")
+        """The engine request for one prompt of `body`, checked by the engine's own rules; a
+        request it refuses is a 400 naming the API's field for the one at fault."""
         eot = self.tokenizer.eot_id
-        params = SamplingParams(
-            temperature=body.temperature,
-            top_k=body.top_k or None,
-            top_p=body.top_p,
-            min_p=body.min_p or None,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-        )
-        return EngineRequest(
-            ids,
-            max_tokens,
-            params,
-            body.seed,
-            stop_ids if stop_ids is not None else ((eot,) if eot is not None else ()),
-            body.stops(),
-            body.n,
-            logprobs,
-        )
+        try:
+            params = SamplingParams(
+                temperature=body.temperature,
+                top_k=body.top_k or None,
+                top_p=body.top_p,
+                min_p=body.min_p or None,
+                repetition_penalty=body.repetition_penalty,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+            )
+            request = EngineRequest(
+                ids,
+                max_tokens,
+                params,
+                body.seed,
+                stop_ids if stop_ids is not None else ((eot,) if eot is not None else ()),
+                body.stops(),
+                body.n,
+                logprobs,
+            )
+            self.engine.check(request)
+        except RequestError as e:
+            names = _CHAT_PARAMS if chat else _COMPLETION_PARAMS
+            raise APIError(400, str(e), names.get(e.field or "", e.field)) from None
+        return request
 
     def _submit(self, requests: list[EngineRequest]) -> Job:
         if self.stopping:
@@ -553,6 +538,11 @@ def _version() -> str:
 def _finish(events: list[TokenEvent]) -> str | None:
     """A sequence's finish reason (None only when its client hung up before the end)."""
     return events[-1].finish_reason if events else None
+
+
+# The API's name for each field of an engine request (`RequestError.field`), where it differs.
+_COMPLETION_PARAMS = {"max_new_tokens": "max_tokens"}
+_CHAT_PARAMS = {"max_new_tokens": "max_tokens", "prompt": "messages", "logprobs": "top_logprobs"}
 
 
 def _shutting_down() -> APIError:

@@ -89,9 +89,7 @@ class Worker:
     def submit(self, requests: Sequence[Request]) -> Job:
         """Queue a job for `requests` on the calling event loop; raises `QueueFull` at capacity."""
         for request in requests:
-            if request.n > self.engine.slots:
-                raise KimbhoError(f"n={request.n} exceeds the server's {self.engine.slots} slots")
-            self.engine.check_fits(len(request.prompt), request.max_new_tokens)
+            self.engine.check(request)
         job = Job(requests, asyncio.get_running_loop())
         with self._cond:
             if len(self._waiting) >= self.max_queue:
