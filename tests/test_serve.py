@@ -329,7 +329,7 @@ def test_a_failing_chat_template_is_a_400(tokenizer, reason: str) -> None:  # ty
 def test_a_slow_chat_template_neither_stalls_the_server_nor_runs_unbounded(tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Rendering runs off the event loop: /health answers while a ~2 s template renders, and the
     request gets a 400 once the time limit (lowered here) has passed."""
-    import kimbho.serve.app as app_module
+    import kimbho.serve.service as app_module
 
     monkeypatch.setattr(app_module, "TEXT_SECONDS", 0.5)
     slow = "{% for m in messages %}{% for i in range(100000) %}{% for j in range(200) %}{% endfor %}{% endfor %}{% endfor %}x"

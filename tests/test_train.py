@@ -13,7 +13,7 @@ from kimbho.config import KimbhoConfig, TrainConfig
 from kimbho.device import CPU_BF16_ENV
 from kimbho.errors import KimbhoError
 from kimbho.training.metrics import read_metrics
-from kimbho.training.trainer import lr_at
+from kimbho.training.schedule import lr_at
 from tests.conftest import tiny_run_config, without_wall_clock
 
 

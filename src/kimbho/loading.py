@@ -1,4 +1,6 @@
-"""`load(MODEL)`: a model and its tokenizer from a run directory, a checkpoint directory or a Hugging Face directory, on the device and in the precision asked for, checked before anything large is built."""
+"""`load(MODEL)`: a model and its tokenizer from a run directory, a checkpoint directory or a
+Hugging Face directory, on the device and in the precision asked for, checked before anything
+large is built."""
 
 from __future__ import annotations
 

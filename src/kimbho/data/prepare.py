@@ -1,4 +1,5 @@
-"""Writing prepared data: read the inputs, tokenize them in batches, cut a validation split of whole documents, and write token shards and meta.json (see `shards` for reading them)."""
+"""Writing prepared data: read the inputs, tokenize them in batches, cut a validation split of
+whole documents, and write token shards and meta.json (see `shards` for reading them)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,22 @@
-"""Resume policy: what may differ between a checkpoint and the run that continues it (refused: another model config, tokenizer, dataset or optimizer; allowed with a warning: other train settings)."""
+"""Resume policy: what may differ between a checkpoint and the run that continues it (refused:
+another model config, tokenizer, dataset or optimizer; allowed with a warning: other train
+settings)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import RunConfig
+from ..errors import KimbhoError
+from ..model import KimbhoV1Model
+from ..storage import checkpoints
 from ..storage.checkpoints import _read_yaml, read_model_config
+
+log = logging.getLogger("kimbho")
 
 
 def saved_train_config(ckpt: Path) -> dict[str, Any]:
@@ -58,3 +68,57 @@ def _describe_split(fingerprint: dict[str, Any] | None) -> str:
     if not fingerprint:
         return "absent"
     return f"{fingerprint['tokens']:,} tokens with sha256 {fingerprint['sha256'][:12]}..."
+
+
+# A checkpoint chosen for resuming: its path, trainer state and weights (read by rank 0).
+Found = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]
+
+
+def find_checkpoint(
+    run_dir: Path,
+    existing: list[Path],
+    force: bool,
+    run: RunConfig,
+    fingerprint: dict[str, Any],
+    model: KimbhoV1Model,
+) -> Found | None:
+    """The newest of `existing` that loads into `model` and may continue `run` (`force`: even
+    with another model config, tokenizer or dataset); unusable ones are set aside with a warning."""
+    for ckpt in reversed(existing):
+        try:
+            return _read(ckpt, force, run, fingerprint, model)
+        except checkpoints.CorruptCheckpoint as e:
+            aside = checkpoints.set_aside(ckpt)
+            log.warning(f"{e}; set it aside as {aside.name} and falling back to the previous checkpoint")
+    if existing:
+        raise KimbhoError(
+            f"no usable checkpoint in {run_dir / checkpoints.CHECKPOINTS} (see the warnings above); "
+            f"run again with --resume to start from step 0"
+        )
+    log.warning(f"--resume: {run_dir} has no checkpoint yet, starting from step 0")
+    return None
+
+
+def _read(
+    ckpt: Path, force: bool, run: RunConfig, fingerprint: dict[str, Any], model: KimbhoV1Model
+) -> Found:
+    checkpoints.verify(ckpt)
+    state = checkpoints.load_trainer_state(ckpt)
+    refusals, changes = resume_differences(ckpt, state, run, fingerprint)
+    if refusals and not force:
+        raise KimbhoError(
+            f"cannot resume from {ckpt}: {'; '.join(refusals)}. Use the run's original settings "
+            f"(see {ckpt / 'run.yaml'}) or pass --force-resume to continue anyway"
+        )
+    if refusals:
+        log.warning(f"--force-resume: continuing from {ckpt} although {'; '.join(refusals)}")
+    if changes:
+        log.warning(
+            f"train config changed since {ckpt.name}: {', '.join(changes)}; continuing with the new values"
+        )
+    optimizer = run.train.optimizer
+    saved_optimizer = saved_train_config(ckpt).get("optimizer", optimizer)
+    if saved_optimizer != optimizer:  # only with --force-resume (a refusal otherwise)
+        log.warning(f"--force-resume: {saved_optimizer}'s state is dropped; {optimizer} starts afresh")
+        state["optimizer"] = None
+    return ckpt, state, checkpoints.read_weights(ckpt, model)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import signal
 import time
 from collections.abc import Callable
@@ -22,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
 from tqdm import tqdm
 
-from ..config import RunConfig, TrainConfig
+from ..config import RunConfig
 from ..data.shards import RandomWindowSampler, TokenStream, dataset_fingerprint, eval_windows, load_meta
 from ..data.tokenizer import Tokenizer
 from ..device import autocast, peak_flops, pick_device, pick_precision
@@ -43,7 +41,9 @@ from . import distributed
 from .loss import linear_cross_entropy
 from .metrics import DiscardedMetrics, MetricsLog
 from .optim import build_optimizer
-from .resume import resume_differences, saved_train_config
+from .resume import Found, find_checkpoint
+from .rng import process_seed, rng_state, set_rng_state
+from .schedule import lr_at
 from .signals import GracefulStop
 from .step_guard import StepGuard
 
@@ -52,28 +52,6 @@ log = logging.getLogger("kimbho")
 # train.verify_data=auto hashes a split when it is smaller than this (SHA-256 streams at ~1 GB/s
 # on one core: a couple of seconds at most).
 VERIFY_HASH_BELOW = 2 * 10**9
-
-# A checkpoint chosen for resuming: its path, trainer state and weights (read by rank 0).
-Found = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up to `lr`, then cosine decay
-    to `lr * min_lr_ratio` at `max_steps`; or, for `wsd`, hold `lr` and decay linearly over the
-    last `decay_fraction` of the run."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "wsd":
-        decay_start = max(cfg.warmup_steps, int(cfg.max_steps * (1 - cfg.decay_fraction)))
-        if step < decay_start:
-            return cfg.lr
-        progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
-        return cfg.lr - (cfg.lr - floor) * min(1.0, progress)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class NextTokenLoss(nn.Module):
@@ -182,7 +160,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)  # after sharding
         if self.world.size > 1:
             # Each process draws its own dropout masks.
-            torch.manual_seed(_process_seed(self.cfg.seed, self.world.rank))
+            torch.manual_seed(process_seed(self.cfg.seed, self.world.rank))
 
         self.progress = Progress()
         self.guard = StepGuard(self.cfg.skip_spikes)
@@ -263,7 +241,11 @@ class Trainer:
                     raise KimbhoError(
                         f"run directory {self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
                     )
-                found = self._find_checkpoint(existing, force) if resume else None
+                found = (
+                    find_checkpoint(self.out, existing, force, self.run, self.fingerprint, self.model)
+                    if resume
+                    else None
+                )
                 self._warn_if_config_file_differs(resume)
                 self.run.save(self.out / "config.yaml")
                 self.tokenizer.save(self.out / "tokenizer.json")
@@ -292,45 +274,6 @@ class Trainer:
                 f"it now records the config in use"
             )
 
-    def _find_checkpoint(self, existing: list[Path], force: bool) -> Found | None:
-        """The newest checkpoint that loads; unusable ones are set aside with a warning."""
-        for ckpt in reversed(existing):
-            try:
-                return self._read_checkpoint(ckpt, force)
-            except checkpoint.CorruptCheckpoint as e:
-                aside = checkpoint.set_aside(ckpt)
-                log.warning(f"{e}; set it aside as {aside.name} and falling back to the previous checkpoint")
-        if existing:
-            raise KimbhoError(
-                f"no usable checkpoint in {self.out / checkpoint.CHECKPOINTS} (see the warnings above); "
-                f"run again with --resume to start from step 0"
-            )
-        log.warning(f"--resume: {self.out} has no checkpoint yet, starting from step 0")
-        return None
-
-    def _read_checkpoint(self, ckpt: Path, force: bool) -> Found:
-        checkpoint.verify(ckpt)
-        state = checkpoint.load_trainer_state(ckpt)
-        refusals, changes = resume_differences(ckpt, state, self.run, self.fingerprint)
-        if refusals and not force:
-            raise KimbhoError(
-                f"cannot resume from {ckpt}: {'; '.join(refusals)}. Use the run's original settings "
-                f"(see {ckpt / 'run.yaml'}) or pass --force-resume to continue anyway"
-            )
-        if refusals:
-            log.warning(f"--force-resume: continuing from {ckpt} although {'; '.join(refusals)}")
-        if changes:
-            log.warning(
-                f"train config changed since {ckpt.name}: {', '.join(changes)}; continuing with the new values"
-            )
-        saved_optimizer = saved_train_config(ckpt).get("optimizer", self.cfg.optimizer)
-        if saved_optimizer != self.cfg.optimizer:  # only with --force-resume (a refusal otherwise)
-            log.warning(
-                f"--force-resume: {saved_optimizer}'s state is dropped; {self.cfg.optimizer} starts afresh"
-            )
-            state["optimizer"] = None
-        return ckpt, state, checkpoint.read_weights(ckpt, self.model)
-
     def _restore(self, found: Found | None) -> None:
         """Load the checkpoint rank 0 has read (`found`; None on the other processes)."""
         ckpt, state, weights = found or (None, {}, {})
@@ -346,11 +289,11 @@ class Trainer:
             self.guard.load_state_dict(shared["guard"])
         saved_rng = shared["rng_by_rank"] or [shared["rng"]]  # one state per process of the saved run
         if len(saved_rng) == self.world.size:
-            _set_rng_state(saved_rng[self.world.rank])
+            set_rng_state(saved_rng[self.world.rank])
         else:
             # The data re-shards by itself (a batch is a function of the step alone), but the
             # saved processes' random streams do not map onto the new ones: start fresh ones.
-            torch.manual_seed(_process_seed(self.cfg.seed, self.world.rank, self.progress.step))
+            torch.manual_seed(process_seed(self.cfg.seed, self.world.rank, self.progress.step))
             if self.world.is_main and self.run.model.dropout > 0:
                 log.warning(
                     f"resuming a checkpoint of {len(saved_rng)} process(es) on {self.world.size}: the "
@@ -427,7 +370,7 @@ class Trainer:
         process takes part (the state is gathered from all of them); rank 0 writes it."""
         weights = distributed.full_weights(self.model)
         optimizer = distributed.full_optimizer_state(self.model, self.optimizer)
-        rng = self.world.gather(_rng_state())
+        rng = self.world.gather(rng_state())
         state: dict[str, Any] = {
             "optimizer": optimizer,
             "progress": {**vars(self.progress), "interval_losses": list(self.progress.interval_losses)},
@@ -622,35 +565,6 @@ def _due(done: int, every: int, last: int) -> bool:
     return bool(every and done % every == 0) or done == last
 
 
-def _process_seed(seed: int, rank: int, step: int = 0) -> int:
-    """A seed for the random stream (dropout) of process `rank`, distinct for each process."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
 def _finite_or_none(value: float) -> float | None:
     """JSON has no NaN or Infinity: a non-finite number is recorded as null."""
     return value if math.isfinite(value) else None
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every random generator's state as tensors and plain lists (loadable with weights_only=True)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, values, gauss = state["python"]
-    random.setstate((version, tuple(values), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
