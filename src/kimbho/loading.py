@@ -19,13 +19,13 @@ from .errors import KimbhoError
 from .model import KimbhoV1Model
 from .storage.checkpoints import (
     CorruptCheckpoint,
-    _read_json,
     _reason,
     list_checkpoints,
     read_model_config,
     read_weights,
     verify,
 )
+from .storage.files import read_mapping
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # HF's and Kimbho's names
 
@@ -55,7 +55,7 @@ def load(
     auto keeps the stored precision where the device computes in it natively)."""
     target = device if isinstance(device, torch.device) else pick_device(device)
     ckpt = resolve_checkpoint(path)
-    config_values = _read_json(ckpt / "config.json")
+    config_values = read_mapping(ckpt / "config.json", CorruptCheckpoint)
     if config_values.get("format") != "kimbho":
         from .interop.hf import load_hf_directory, weight_files
 

@@ -30,6 +30,7 @@ from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
 from ..inference.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..model import KimbhoV1Model
+from ..storage.files import read_mapping
 from ..storage.staging import staged_directory
 
 # Kimbho name -> Hugging Face name for every tensor that maps one to one; {i} is the layer.
@@ -313,7 +314,7 @@ def load_hf_directory(path: str | Path) -> tuple[KimbhoV1Model, Tokenizer]:
     safetensors weights (one file or shards with their index) and tokenizer.json. Weights are
     loaded as fp32 whatever their stored dtype (`checkpoint.load` converts them for --dtype)."""
     path = Path(path)
-    values = _read_json(path / "config.json")
+    values = read_mapping(path / "config.json")
     try:
         config = config_from_hf(values)
     except KimbhoError as e:
@@ -342,7 +343,7 @@ def weight_files(path: Path) -> list[str]:
     """The safetensors files of a Hugging Face directory: the shards its index names, or
     model.safetensors. A shard must be a file inside the directory."""
     if (path / WEIGHTS_INDEX).is_file():
-        weight_map = _read_json(path / WEIGHTS_INDEX).get("weight_map")
+        weight_map = read_mapping(path / WEIGHTS_INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise KimbhoError(f"{path / WEIGHTS_INDEX} has no weight_map")
         files = sorted({str(f) for f in weight_map.values()})
@@ -383,18 +384,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _natural_key(name: str) -> list[Any]:
     """Sort layer 2 before layer 10, so shards hold consecutive layers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise KimbhoError(f"{path} is missing or not valid JSON") from None
-    except RecursionError:  # Python's parser recurses once per level of nesting
-        raise KimbhoError(f"{path} is nested too deeply to be a model file") from None
-    if not isinstance(value, dict):
-        raise KimbhoError(f"{path} does not hold a JSON object")
-    return value
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

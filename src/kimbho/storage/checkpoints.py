@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -41,6 +40,7 @@ from ..config import KimbhoConfig, RunConfig
 from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
+from .files import read_mapping
 
 log = logging.getLogger("kimbho")
 
@@ -219,7 +219,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
 
 
 def read_model_config(ckpt: Path) -> KimbhoConfig:
-    values = _read_json(ckpt / "config.json")
+    values = read_mapping(ckpt / "config.json", CorruptCheckpoint)
     values.pop("format", None)
     return KimbhoConfig.from_dict(values)
 
@@ -270,28 +270,6 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"optimizer", "progress", "rng"} <= set(state):
         raise CorruptCheckpoint(f"checkpoint file {path} does not hold a Kimbho trainer state")
     return state
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise CorruptCheckpoint(f"{path} is missing or not valid JSON") from None
-    except RecursionError:  # Python's parser recurses once per level of nesting
-        raise CorruptCheckpoint(f"{path} is nested too deeply to be a model config") from None
-    if not isinstance(value, dict):
-        raise CorruptCheckpoint(f"{path} does not hold a JSON object")
-    return value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        value = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        raise CorruptCheckpoint(f"{path} is missing or not valid YAML") from None
-    if not isinstance(value, dict):
-        raise CorruptCheckpoint(f"{path} does not hold a YAML mapping")
-    return value
 
 
 def _reason(e: BaseException) -> str:

@@ -14,14 +14,15 @@ from ..config import RunConfig
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
 from ..storage import checkpoints
-from ..storage.checkpoints import _read_yaml, read_model_config
+from ..storage.checkpoints import read_model_config
+from ..storage.files import read_mapping
 
 log = logging.getLogger("kimbho")
 
 
 def saved_train_config(ckpt: Path) -> dict[str, Any]:
     """The `train:` section of the run config a checkpoint was made with."""
-    return _read_yaml(ckpt / "run.yaml").get("train") or {}
+    return read_mapping(ckpt / "run.yaml", checkpoints.CorruptCheckpoint).get("train") or {}
 
 
 def resume_differences(
