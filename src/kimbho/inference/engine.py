@@ -287,13 +287,22 @@ class Engine:
         for request in waiting:
             self.check(request)
         while waiting or self.busy:
-            admitted, free = [], self.free_slots
-            while waiting and waiting[0].n <= free:
-                free -= waiting[0].n
-                admitted.append(waiting.popleft())
+            admitted = [waiting.popleft() for _ in range(self.admissible(waiting))]
             if admitted:
                 self.add_batch(admitted)
             yield from self.step()
+
+    def admissible(self, requests: Iterable[Request]) -> int:
+        """How many of `requests`, taken in order, fit the free slots now. The admission rule of
+        every queue in front of an engine (`run`, the server's worker): oldest first, and one that
+        does not fit holds back those behind it, so a large request is never starved."""
+        free, count = self.free_slots, 0
+        for request in requests:
+            if request.n > free:
+                break
+            free -= request.n
+            count += 1
+        return count
 
     # The slot level, shared with beam search: prefill, decode, copy_slots.
 

@@ -14,6 +14,7 @@ list are shared and guarded by one condition variable.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from collections import deque
@@ -139,19 +140,19 @@ class Worker:
     def _admit(self) -> None:
         """Move waiting requests into free slots, oldest first, all in one `add_batch` (so
         requests that arrive together are prefilled together)."""
-        taken: list[tuple[Job, int, Request]] = []  # (job, prompt index, request)
         with self._cond:
-            free = self.engine.free_slots
-            while self._waiting:
-                job = self._waiting[0]
-                request = job.requests[job.admitted]
-                if request.n > free:
-                    break
-                taken.append((job, job.admitted, request))
-                free -= request.n
+            # The waiting requests in order (each needs a slot at least, so no more than are free).
+            pending = (
+                (job, index, job.requests[index])
+                for job in self._waiting
+                for index in range(job.admitted, len(job.requests))
+            )
+            waiting = list(itertools.islice(pending, self.engine.free_slots))
+            taken = waiting[: self.engine.admissible(r for _, _, r in waiting)]
+            for job, _, _ in taken:
                 job.admitted += 1
-                if job.admitted == len(job.requests):
-                    self._waiting.popleft()
+            while self._waiting and self._waiting[0].admitted == len(self._waiting[0].requests):
+                self._waiting.popleft()
             self.stats.waiting = len(self._waiting)
         if not taken:
             return

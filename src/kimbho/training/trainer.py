@@ -100,50 +100,74 @@ class Trainer:
         """`resume`: continue from the newest usable checkpoint in `out_dir`. It refuses a checkpoint
         made with another model config, tokenizer or dataset unless `force_resume` is set.
 
-        Under torchrun it joins the process group first; every process constructs a Trainer."""
+        Under torchrun it joins the process group first; every process constructs a Trainer.
+        Set-up, in order: the data (checked before anything is written), the model and how it is
+        wrapped, the optimizer, then the run directory (and the checkpoint to resume from)."""
         self.run, self.cfg = run, run.train
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
         self.progress_bar = progress_bar
         self.world = distributed.setup(pick_device(self.cfg.device), self.cfg.dist_timeout)
         self.device = self.world.device
         with self.world.together():
-            meta = load_meta(self.data_dir)
-            self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
-            if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
-                raise KimbhoError(
-                    f"{self.data_dir}/tokenizer.json is not the tokenizer its shards were made with"
-                )
-            init = self._load_init(init_from, explicit_keys) if init_from is not None else None
-            if init is None:
-                self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
-            self.seq_len = self.cfg.seq_len or run.model.max_seq_len
-            if self.seq_len > run.model.max_seq_len:
-                raise KimbhoError(
-                    f"train.seq_len={self.seq_len} is longer than model.max_seq_len={run.model.max_seq_len}; "
-                    f"lower train.seq_len or raise model.max_seq_len"
-                )
-            self.cfg.seq_len = self.seq_len
-            self.rows, self.micro_batch = distributed.split_batch(
-                self.cfg.batch_size, self.cfg.micro_batch_size, self.world.size
-            )
-            self.accum_steps = self.rows // self.micro_batch
-            self.dtype = pick_precision(self.cfg.precision, self.device)
-            self.train_data = RandomWindowSampler(
-                TokenStream(self.data_dir, "train"), self.seq_len, self.cfg.batch_size, self.cfg.seed
-            )
-            self.val_stream = (
-                TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
-            )
-            if self.world.is_main and self.cfg.verify_data != "false":
-                for stream in (self.train_data.stream, self.val_stream):
-                    if stream is not None:  # before the run directory exists
-                        check_hash = self.cfg.verify_data == "true" or stream.nbytes < VERIFY_HASH_BELOW
-                        stream.verify(meta["vocab_size"], check_hash)
+            meta = self._set_up_data(init_from, explicit_keys)
+        self._set_up_model()
+        self.optimizer = build_optimizer(self.model, self.cfg, self.device)  # after sharding
+        if self.world.size > 1:
+            # Each process draws its own dropout masks.
+            torch.manual_seed(process_seed(self.cfg.seed, self.world.rank))
+        self.progress = Progress()
+        self.guard = StepGuard(self.cfg.skip_spikes)
+        self.fingerprint = {"tokenizer_sha256": self.tokenizer.sha256, "dataset": dataset_fingerprint(meta)}
+        self._prepare_run_dir(resume or force_resume, force_resume)
 
-        torch.manual_seed(self.cfg.seed)  # the same initial weights on every process
-        self.model = KimbhoV1Model(run.model).to(self.device)
-        if init is not None:
-            self.model.load_state_dict(init.state_dict())
+    # --- set-up -----------------------------------------------------------------------------
+
+    def _set_up_data(
+        self, init_from: str | os.PathLike[str] | None, explicit_keys: set[str] | frozenset[str]
+    ) -> dict[str, Any]:
+        """The tokenizer, the model config it implies (or `--init`'s), sequence and batch sizes,
+        the samplers, and the shards checked; returns the data's meta.json."""
+        run, cfg = self.run, self.cfg
+        meta = load_meta(self.data_dir)
+        self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
+        if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
+            raise KimbhoError(
+                f"{self.data_dir}/tokenizer.json is not the tokenizer its shards were made with"
+            )
+        self.init = self._load_init(init_from, explicit_keys) if init_from is not None else None
+        if self.init is None:
+            self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
+        self.seq_len = cfg.seq_len or run.model.max_seq_len
+        if self.seq_len > run.model.max_seq_len:
+            raise KimbhoError(
+                f"train.seq_len={self.seq_len} is longer than model.max_seq_len={run.model.max_seq_len}; "
+                f"lower train.seq_len or raise model.max_seq_len"
+            )
+        cfg.seq_len = self.seq_len
+        self.rows, self.micro_batch = distributed.split_batch(
+            cfg.batch_size, cfg.micro_batch_size, self.world.size
+        )
+        self.accum_steps = self.rows // self.micro_batch
+        self.dtype = pick_precision(cfg.precision, self.device)
+        self.train_data = RandomWindowSampler(
+            TokenStream(self.data_dir, "train"), self.seq_len, cfg.batch_size, cfg.seed
+        )
+        self.val_stream = TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
+        if self.world.is_main and cfg.verify_data != "false":
+            for stream in (self.train_data.stream, self.val_stream):
+                if stream is not None:  # before the run directory exists
+                    check_hash = cfg.verify_data == "true" or stream.nbytes < VERIFY_HASH_BELOW
+                    stream.verify(meta["vocab_size"], check_hash)
+        return meta
+
+    def _set_up_model(self) -> None:
+        """The model (the same initial weights on every process, or `--init`'s), wrapped for the
+        processes (DDP around the loss, or FSDP2 shards) and compiled when it pays."""
+        torch.manual_seed(self.cfg.seed)
+        self.model = KimbhoV1Model(self.run.model).to(self.device)
+        if self.init is not None:
+            self.model.load_state_dict(self.init.state_dict())
+            self.init = None  # its weights are in the model now
         if self.cfg.optimizer == "muon" and self.cfg.parallel == "fsdp" and self.world.size > 1:
             # Muon orthogonalises whole matrices; FSDP leaves each process a slice of each.
             raise self.world.error(
@@ -157,17 +181,6 @@ class Trainer:
         # Compiled after sharding, which hooks FSDP2's gathering onto `model.features`.
         loss.features = self._maybe_compile(self.model)
         self.compiled = loss.features != self.model.features  # a bound method is a new object each time
-        self.optimizer = build_optimizer(self.model, self.cfg, self.device)  # after sharding
-        if self.world.size > 1:
-            # Each process draws its own dropout masks.
-            torch.manual_seed(process_seed(self.cfg.seed, self.world.rank))
-
-        self.progress = Progress()
-        self.guard = StepGuard(self.cfg.skip_spikes)
-        self.fingerprint = {"tokenizer_sha256": self.tokenizer.sha256, "dataset": dataset_fingerprint(meta)}
-        self._prepare_run_dir(resume or force_resume, force_resume)
-
-    # --- set-up -----------------------------------------------------------------------------
 
     def _resolve_vocab(self, data_vocab: int, user_set: bool) -> None:
         model_cfg = self.run.model
