@@ -82,11 +82,11 @@ class Tokenizer:
             raise KimbhoError("cannot train a tokenizer on an empty corpus: the input holds no text")
         return cls(inner)
 
-    def save(self, path: str | os.PathLike[str], force: bool = True) -> None:
-        """Write tokenizer.json atomically (see `staging`); `force=False` refuses to replace a file."""
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write tokenizer.json atomically, replacing any file there (see `storage/staging.py`)."""
         from ..storage.staging import staged_file
 
-        with staged_file(Path(path), force) as tmp:
+        with staged_file(Path(path), force=True) as tmp:
             tmp.write_text(self.to_json())
 
     def to_json(self) -> str:
