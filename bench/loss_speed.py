@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from _common import BATCH, SEQ_LEN, VOCAB, model_config, peak_rss_mb
 
-from kimbho.training.loss import linear_cross_entropy
+from kimbho.model.loss import linear_cross_entropy
 
 REPEATS = 5
 

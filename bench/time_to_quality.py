@@ -54,7 +54,6 @@ from _common import (
 
 from kimbho.config import RunConfig, TrainConfig, parse_override
 from kimbho.data.shards import RandomWindowSampler, TokenStream, dataset_fingerprint, load_meta
-from kimbho.training.loss import linear_cross_entropy
 from kimbho.training.trainer import Trainer
 
 RESULTS_FILE = RESULTS / "time_to_quality.json"
@@ -119,8 +118,7 @@ class KimbhoLeg:
         return self.trainer.train_step(step)[0]
 
     def loss_sum(self, model: torch.nn.Module, batch: torch.Tensor) -> float:
-        hidden = model.features(batch[:, :-1])
-        return linear_cross_entropy(hidden, model.head.weight, batch[:, 1:], reduction="sum").item()
+        return model(batch[:, :-1], targets=batch[:, 1:], reduction="sum").item()
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.trainer.optimizer.state_dict()}

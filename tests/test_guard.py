@@ -50,16 +50,16 @@ def test_spike_factor_must_exceed_one() -> None:
 
 
 class PoisonedForward:
-    """Wraps the trainer's forward (the model's body, `features`) so chosen steps produce NaN
-    activations (multiplying by 1.0 leaves every other step bit-for-bit unchanged)."""
+    """Hooks the model's final norm so chosen steps produce NaN activations (multiplying by 1.0
+    leaves every other step bit-for-bit unchanged)."""
 
     def __init__(self, trainer: kimbho.Trainer, steps: set[int]) -> None:
-        self.trainer, self.steps, self.inner = trainer, steps, trainer.train_loss.features
-        trainer.train_loss.features = self
+        self.trainer, self.steps = trainer, steps
+        trainer.model.norm.register_forward_hook(self)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
         poison = math.nan if self.trainer.progress.step in self.steps else 1.0
-        return self.inner(x) * poison
+        return output * poison
 
 
 def test_nan_step_leaves_weights_and_optimizer_untouched(data_dir: Path, tmp_path: Path) -> None:

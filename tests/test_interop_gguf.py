@@ -15,7 +15,7 @@ import kimbho
 from kimbho.config import KimbhoConfig
 from kimbho.errors import KimbhoError
 from kimbho.interop.gguf import deinterleave_rope, export_gguf, from_gguf, interleave_rope
-from kimbho.model import apply_rope, rope_tables
+from kimbho.model.transformer import apply_rope, rope_tables
 from tests.conftest import TRICKY, run_cli
 
 gguf = pytest.importorskip("gguf")

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimbho.training import loss as loss_module
-from kimbho.training.loss import linear_cross_entropy
+from kimbho.model import loss as loss_module
+from kimbho.model.loss import linear_cross_entropy
 
 
 def _inputs(

@@ -65,6 +65,27 @@ def test_too_long_sequence_is_a_clear_error(tiny_model: KimbhoV1Model) -> None:
         tiny_model(torch.zeros(1, 65, dtype=torch.long))
 
 
+def test_forward_with_targets_is_the_cross_entropy_of_its_logits(tiny_model: KimbhoV1Model) -> None:
+    """`forward(ids, targets=...)` is the training loss (nanoGPT's `forward(idx, targets)`): the
+    cross-entropy of the logits it returns without targets, and the same gradients."""
+    torch.manual_seed(0)
+    ids, targets = torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12))
+    for reduction in ("mean", "sum"):
+        fused = tiny_model(ids, targets=targets, reduction=reduction)
+        fused.backward()
+        fused_grads = [p.grad.clone() for p in tiny_model.parameters()]
+        tiny_model.zero_grad()
+        logits = tiny_model(ids)
+        plain = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction=reduction
+        )
+        plain.backward()
+        assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+        for fused_grad, p in zip(fused_grads, tiny_model.parameters(), strict=True):
+            torch.testing.assert_close(fused_grad, p.grad, rtol=1e-4, atol=1e-6)
+        tiny_model.zero_grad()
+
+
 def test_initialisation_is_sensible() -> None:
     torch.manual_seed(0)
     model = KimbhoV1Model(KimbhoConfig.from_preset("small"))

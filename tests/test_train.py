@@ -222,7 +222,7 @@ def test_compile_auto_compiles_long_cpu_runs_and_checkpoints_stay_bare(
     run = tiny_run_config(batch_size=16, seq_len=256, max_steps=1000)
     run.model = KimbhoConfig.from_preset("small")  # a 15M-parameter model for 1000 steps: it pays
     long = kimbho.Trainer(run, data_dir, tmp_path / "long", progress_bar=False)
-    assert long.compiled and long.train_loss.features != long.model.features  # compiled lazily, at a step
+    assert long.compiled and long.model._compiled_call_impl is not None  # compiled lazily, at a step
     weights = load_file(long.save() / "model.safetensors")
     assert "blocks.0.attn.qkv.weight" in weights
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in weights)

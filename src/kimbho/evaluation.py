@@ -19,7 +19,6 @@ from .data.tokenizer import Tokenizer
 from .device import autocast
 from .errors import KimbhoError
 from .model import KimbhoV1Model
-from .training.loss import linear_cross_entropy
 
 
 @torch.no_grad()
@@ -46,8 +45,7 @@ def sum_loss(
         num_bytes += tokenizer.count_bytes(targets.reshape(-1).numpy())
         chunk = chunk.to(device)
         with autocast(device, dtype):
-            hidden = model.features(chunk[:, :-1])
-            total += linear_cross_entropy(hidden, model.head.weight, chunk[:, 1:], reduction="sum").item()
+            total += model(chunk[:, :-1], targets=chunk[:, 1:], reduction="sum").item()
         count += targets.numel()
 
     for window in windows:

@@ -1,2 +1,2 @@
-"""Training: the loop (`trainer`), optimizers, the fused loss, the step guard, signals, metrics,
+"""Training: the loop (`trainer`), optimizers, schedules, the step guard, signals, metrics,
 resume policy and several processes (`distributed`)."""

@@ -217,18 +217,15 @@ def split_batch(batch_size: int, micro_batch_size: int | None, processes: int) -
     return rows, micro
 
 
-def parallelize(model: nn.Module, loss: nn.Module, world: World, parallel: str) -> nn.Module:
-    """The module to run each training micro-step through: `loss` (the whole training forward
-    pass of `model`, returning the loss) as it is in one process, wrapped in DDP, or, for `fsdp`,
-    as it is over `model` sharded in place. DDP wraps the loss rather than the model because it
-    synchronises the gradients of work done inside the module it wraps: the loss may use
-    parameters (the head) outside `model.forward`. Call it before building the optimizer
-    (sharding replaces the parameters) and before compiling (DDP and FSDP2 are meant to be
-    compiled over, not wrapped around a compiled module)."""
+def parallelize(model: nn.Module, world: World, parallel: str) -> nn.Module:
+    """The module to run each training micro-step through (`module(inputs, targets)` returns the
+    loss): `model` as it is in one process, wrapped in DDP, or, for `fsdp`, sharded in place. Call
+    it before building the optimizer (sharding replaces the parameters) and before compiling (DDP
+    and FSDP2 are meant to be compiled over, not wrapped around a compiled module)."""
     if world.size == 1:
         if parallel == "fsdp":
             log.warning("train.parallel=fsdp: one process has nothing to shard over; training unsharded")
-        return loss
+        return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -240,27 +237,27 @@ def parallelize(model: nn.Module, loss: nn.Module, world: World, parallel: str) 
         fully_shard(model)
         # Generation calls `features` and then the head, not `forward`: gather for it too.
         register_fsdp_forward_method(model, "features")
-        return loss
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(loss, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 @contextlib.contextmanager
-def gradient_sync(model: nn.Module, loss: nn.Module, enabled: bool) -> Iterator[None]:
-    """Within the block (forward and backward of one micro-step through `loss`, the module from
-    `parallelize`), whether backward synchronises gradients over processes: with
-    gradient accumulation only the last micro-step needs to (DDP's `no_sync`, FSDP2's
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block (forward and backward of one micro-step through `module`, from
+    `parallelize`), whether backward synchronises gradients over processes: with gradient
+    accumulation only the last micro-step needs to (DDP's `no_sync`, FSDP2's
     `set_requires_gradient_sync`); earlier ones accumulate locally."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(enabled)
         yield
-    elif isinstance(loss, DistributedDataParallel) and not enabled:
-        with loss.no_sync():
+    elif isinstance(module, DistributedDataParallel) and not enabled:
+        with module.no_sync():
             yield
     else:
         yield

@@ -1,11 +1,12 @@
 """The training loop: warm-up then cosine (or WSD) learning rate, gradient clipping and
 accumulation, periodic validation, samples and checkpoints. The optimizers live in `optim.py`,
-the fused output-projection-and-loss in `loss.py`, precision choice in `device.py`.
+the loss in the model's forward (`model/loss.py`), precision choice in `device.py`.
 
 Batch `step` is a pure function of (seed, step) (see `RandomWindowSampler`), and every random
 state is saved with each checkpoint, so a resumed run continues exactly where it stopped: same
 per-step losses, bit-identical weights. Steps with a NaN/Inf loss or gradient norm are skipped
-(`guard.py`); SIGTERM/SIGINT stop the run after the current step with a checkpoint (`interrupt.py`).
+(`step_guard.py`); SIGTERM/SIGINT stop the run after the current step with a checkpoint
+(`signals.py`).
 Under torchrun the same loop runs on every process, with DDP or FSDP2 (`distributed.py`).
 """
 
@@ -16,14 +17,12 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import nn
 from tqdm import tqdm
 
 from ..config import RunConfig
@@ -38,7 +37,6 @@ from ..loading import load
 from ..model import KimbhoV1Model
 from ..storage import checkpoints as checkpoint
 from . import distributed
-from .loss import linear_cross_entropy
 from .metrics import DiscardedMetrics, MetricsLog
 from .optim import build_optimizer
 from .resume import Found, find_checkpoint
@@ -52,21 +50,6 @@ log = logging.getLogger("kimbho")
 # train.verify_data=auto hashes a split when it is smaller than this (SHA-256 streams at ~1 GB/s
 # on one core: a couple of seconds at most).
 VERIFY_HASH_BELOW = 2 * 10**9
-
-
-class NextTokenLoss(nn.Module):
-    """Mean next-token cross-entropy of a language model on a batch: the whole training forward
-    pass as one module, which DDP wraps (see `distributed.parallelize`). The head's product is
-    fused into the loss (`loss.py`): the (B, T, vocab) logits never exist. `features` is the
-    model's body, replaced by its compiled form when `train.compile` asks for it."""
-
-    def __init__(self, model: KimbhoV1Model) -> None:
-        super().__init__()
-        self.model = model
-        self.features: Callable[[torch.Tensor], torch.Tensor] = model.features
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return linear_cross_entropy(self.features(inputs), self.model.head.weight, targets)
 
 
 @dataclass
@@ -175,12 +158,13 @@ class Trainer:
                 "over processes; use train.parallel=ddp, or train.optimizer=adamw with fsdp"
             )
         self.model.checkpoint_activations = self.cfg.activation_checkpointing
-        # Under torchrun DDP wraps the loss, or FSDP2 shards the model (see distributed.py).
-        loss = NextTokenLoss(self.model)
-        self.train_loss = distributed.parallelize(self.model, loss, self.world, self.cfg.parallel)
-        # Compiled after sharding, which hooks FSDP2's gathering onto `model.features`.
-        loss.features = self._maybe_compile(self.model)
-        self.compiled = loss.features != self.model.features  # a bound method is a new object each time
+        # Under torchrun DDP wraps the model, or FSDP2 shards it (see distributed.py).
+        self.train_model = distributed.parallelize(self.model, self.world, self.cfg.parallel)
+        # Compiled after sharding (FSDP2 and DDP are compiled over, not wrapped around a compiled
+        # module), in place: `self.model` keeps its plain key names for checkpoints.
+        self.compiled = self._compile_wanted()
+        if self.compiled:
+            self.model.compile()
 
     def _resolve_vocab(self, data_vocab: int, user_set: bool) -> None:
         model_cfg = self.run.model
@@ -214,17 +198,16 @@ class Trainer:
         log.info(f"starting from the weights of {model_path}")
         return model
 
-    def _maybe_compile(self, model: KimbhoV1Model) -> Callable[[torch.Tensor], torch.Tensor]:
-        """`model.features`, compiled when `train.compile` asks for it. Only the model's body is
-        compiled: the fused loss computes its own gradients, and `self.model` stays the bare
-        module, so checkpoints hold its plain key names."""
+    def _compile_wanted(self) -> bool:
+        """Whether `train.compile` compiles the training forward pass (the fused loss inside it
+        stays eager: `model/loss.py`)."""
         # The payoff is timed: rank 0 alone measures it and decides for all processes.
         wanted = self.world.broadcast(
             self.cfg.compile == "true" or (self.cfg.compile == "auto" and self._compile_pays())
             if self.world.is_main
             else None
         )
-        return torch.compile(model.features) if wanted else model.features
+        return bool(wanted)
 
     def _compile_pays(self) -> bool:
         """`train.compile=auto`: always on CUDA. On a CPU, measured for `small` on 2 cores,
@@ -328,11 +311,9 @@ class Trainer:
         for micro in range(self.accum_steps):
             rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
             x, y = inputs[rows].to(self.device), targets[rows].to(self.device)
-            with distributed.gradient_sync(
-                self.model, self.train_loss, enabled=micro == self.accum_steps - 1
-            ):
+            with distributed.gradient_sync(self.train_model, enabled=micro == self.accum_steps - 1):
                 with autocast(self.device, self.dtype):
-                    loss = self.train_loss(x, y) / self.accum_steps
+                    loss = self.train_model(x, targets=y) / self.accum_steps
                 loss.backward()
             total += loss.detach()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")

@@ -12,7 +12,9 @@ Architecture choices and where they come from:
   Attention runs in `F.scaled_dot_product_attention`, whose fused kernels tile the queries in
   blocks that each attend over the full key/value range: what the seed README's "chunked
   queries" aimed at, without materialising the T x T score matrix.
-- Final RMSNorm and a linear head, tied to the embedding or not (`tie_embeddings`).
+- Final RMSNorm and a linear head, tied to the embedding or not (`tie_embeddings`). Given
+  targets, `forward` returns the next-token loss with the head fused into it (`loss.py`), as
+  nanoGPT's `forward(idx, targets)` does, so DDP and FSDP wrap the model as it is.
 
 Query, key and value projections are one fused matrix (`attn.qkv`), as are the SwiGLU gate and
 up projections (`mlp.gate_up`): one matrix product instead of three (two) per layer.
@@ -28,8 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import KimbhoConfig
-from .errors import KimbhoError
+from ..config import KimbhoConfig
+from ..errors import KimbhoError
+from .loss import linear_cross_entropy
+from .loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -267,7 +271,38 @@ class KimbhoV1Model(nn.Module):
         With a cache, token (b, t) sits at position `positions[b, t]`: its key and value are
         stored there and it attends to every cached position up to its own. Rows are independent,
         so each can be at a different length. `kv_len` (default: the cache's length) bounds the
-        positions attended to; a shorter one saves work when every row is short."""
+        positions attended to; a shorter one saves work when every row is short.
+
+        Generation's entry point (it applies the head itself); FSDP gathers the weights for it as
+        for `forward` (`training/distributed.py`). `forward` calls `_hidden` directly, so one
+        training forward pass gathers once."""
+        return self._hidden(input_ids, cache, positions, kv_len)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size); see `features` for the cache and positions. Given `targets`
+        (B, T) token ids, the cross-entropy of predicting them instead (`reduction` `mean` or
+        `sum` over all targets), computed without materialising the logits."""
+        hidden = self._hidden(input_ids, cache, positions)
+        if targets is None:
+            return self.head(hidden)
+        return linear_cross_entropy(hidden, self.head.weight, targets, reduction)
+
+    def _hidden(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """The body `features` and `forward` share (see `features`)."""
         if input_ids.dim() != 2:
             raise KimbhoError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
@@ -305,12 +340,6 @@ class KimbhoV1Model(nn.Module):
             else:
                 x = block(x, cos, sin, cache, i, positions, mask)
         return self.norm(x)
-
-    def forward(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab_size); see `features` for the cache and positions."""
-        return self.head(self.features(input_ids, cache, positions))
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None

@@ -27,6 +27,9 @@ import torch
 _CHUNK_ELEMENTS = 1 << 22
 
 
+# A compiled model forward (`train.compile`) stops at the loss and runs it eager: it computes
+# its own gradients, chunk by chunk, and has nothing for Inductor to fuse.
+@torch.compiler.disable
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
