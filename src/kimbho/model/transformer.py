@@ -33,7 +33,6 @@ from torch.utils.checkpoint import checkpoint
 from ..config import KimbhoConfig
 from ..errors import KimbhoError
 from .loss import linear_cross_entropy
-from .loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
