@@ -116,7 +116,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decode step: ~15 s once per process, then ~4x the tokens/s on a CPU",
+        help="compile the decode step: a compile once per process, then several times the tokens/s on a CPU",
     )
     add_inference_options(gen)
     gen.set_defaults(func=cmd_generate)

@@ -176,6 +176,16 @@ class RandomWindowSampler:
         chunk = torch.from_numpy(windows.astype(np.int64))
         return chunk[:, :-1], chunk[:, 1:]
 
+    def state_dict(self, next_step: int) -> dict[str, int]:
+        """The sampler's position, for a checkpoint to say: the next batch is `next_step` of
+        (seed, batch_size, seq_len). Resuming needs only the step (saved with the progress)."""
+        return {
+            "next_step": next_step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+        }
+
 
 def eval_windows(
     window: Callable[[int, int], np.ndarray], num_tokens: int, seq_len: int, max_tokens: int | None

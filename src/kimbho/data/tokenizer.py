@@ -103,9 +103,9 @@ class Tokenizer:
         return self.inner.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        # Through the batch call: it releases the GIL (a 1.9 MB text holds it for 2.4 s through
+        # Through the batch call: it releases the GIL (a text of megabytes holds it for seconds through
         # `encode`, stalling every other thread, the server's event loop among them) and runs
-        # in parallel in Rust (1.0 s instead of 2.4 s, measured on 2 cores).
+        # in parallel in Rust.
         return self.inner.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

@@ -20,8 +20,8 @@ The decode step is a plain function of static-shape tensors. In eager mode (the 
 CPU) it runs on the slots in use and the cached positions filled so far. With `compile=True`
 (the default on CUDA) it always runs on every slot and the whole cache, so one compiled graph
 serves every step: on CUDA captured in a CUDA graph; on the CPU with its few-row matrix products
-rewritten to read the weights at memory speed (`small_matmul`), ~4x eager's tokens/s at batch 1
-for ~15 s of compiling once per process (docs/generation.md, Decode speed).
+rewritten to read the weights at memory speed (`small_matmul`), several times eager's tokens/s
+at batch 1 for a compile once per process (docs/generation.md, Decode speed).
 """
 
 from __future__ import annotations

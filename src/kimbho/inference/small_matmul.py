@@ -1,13 +1,12 @@
 """Fast matrix products over a few rows on the CPU, for the compiled decode step.
 
 A decode step multiplies a handful of rows (one per sequence) by every weight matrix, so its
-speed is how fast the weights are read. MKL's matrix-vector product reads them at ~10 GB/s on
-the development machine (one thread, whatever `torch.get_num_threads()` says), a third of what
-the memory delivers. Written as multiply-and-sum with the output features outermost, the same
+speed is how fast the weights are read. MKL's matrix-vector product reads them on one thread,
+whatever `torch.get_num_threads()` says, at a fraction of what the memory delivers. Written as multiply-and-sum with the output features outermost, the same
 product becomes an Inductor reduction: one vectorised pass over the weights, split across all
-threads, that uses each weight row for every input row while the row is in cache: ~38 GB/s,
-3.5x MKL at one row (docs/generation.md, Decode speed). Each further row costs more arithmetic, and by eight
-rows MKL's product is as fast.
+threads, that uses each weight row for every input row while the row is in cache, at several
+times MKL's speed for one row (docs/generation.md, Decode speed). Each further row costs more
+arithmetic, and by about eight rows MKL's product is as fast.
 
 `SmallMatmulPass` makes that rewrite in the compiled graph, after autograd and decompositions,
 where every linear layer is an `aten.mm`. Its input rows are materialised first: otherwise
@@ -28,8 +27,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 aten = torch.ops.aten
 
-# Up to this many rows the rewrite pays. Measured on the development machine, `small` preset, a
-# whole compiled decode step: 4 rows 7.5 ms against MKL's 12.2, 8 rows even, 16 rows 23 against 19.
+# Up to this many rows the rewrite pays, timing a whole compiled decode step of `small` (the
+# measurements are in docs/generation.md, Decode speed).
 FEW_ROWS = 6
 
 

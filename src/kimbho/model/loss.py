@@ -7,10 +7,8 @@ head's product, the loss and the loss's gradient are computed together for one c
 a time, while the chunk is still in cache: the gradient of cross-entropy with respect to the
 logits is `softmax - one_hot`, so it is known as soon as the forward pass has the softmax, and
 the chunk's logits are dropped before the next one (the approach of Liger Kernel's fused linear
-cross-entropy). Backward only scales the two stored gradients. Measured on 2 shared CPU cores
-for `small` (bench/loss_speed.py): a peak of ~130 MB above the inputs instead of ~420 MB, and
-about the same time (0.64-1.04 s against 0.76-0.91 s for head and loss, forward and backward,
-over two runs).
+cross-entropy). Backward only scales the two stored gradients. `bench/loss_speed.py` measures
+the memory and time against `cross_entropy(head(h))` (numbers in docs/performance.md).
 
 Numerically, the logits, log-sum-exp and softmax are always fp32; only the matrix products run
 in the autocast dtype (bf16 where it is fast, see `device.py`).
@@ -23,7 +21,7 @@ from typing import Any
 import torch
 
 # Rows per chunk: chunk x vocab fp32 logits of about 16 MB stay cache- and allocator-friendly
-# (512 rows for an 8192-token vocabulary measured fastest of 256..4096 on 2 CPU cores).
+# (for an 8192-token vocabulary, 512 rows: the fastest of 256..4096 in bench/loss_speed.py).
 _CHUNK_ELEMENTS = 1 << 22
 
 

@@ -1,7 +1,7 @@
 """Optimizers: AdamW, and Muon for the hidden weight matrices with AdamW for the rest.
 
 `train.optimizer=adamw`: AdamW on every parameter, weight decay on matrices only, PyTorch's fused
-kernel where it has one (CUDA and the CPU; 4x faster than the foreach kernel on 2 CPU cores).
+kernel where it has one (CUDA and the CPU; faster than the foreach kernel: docs/performance.md).
 
 `train.optimizer=muon`: Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") for the
 2-D weights inside the decoder blocks: SGD momentum whose update is orthogonalised by a
@@ -11,8 +11,7 @@ by `0.2 * sqrt(max(rows, cols))` so its RMS matches AdamW's (Liu et al. 2025, "M
 for LLM training"): both halves share `train.lr` and `train.weight_decay`.
 
 `torch.optim.Muon` exists since PyTorch 2.9 but always runs Newton–Schulz in bf16, which on a
-CPU without AMX or AVX512-BF16 is emulated and ~60x slower than fp32 (~25 s per step for `small`
-on the development machine). `Muon` here runs it in the dtype `device.py` picks (bf16 where it is
+CPU without AMX or AVX512-BF16 is emulated and ~60x slower than fp32. `Muon` here runs it in the dtype `device.py` picks (bf16 where it is
 fast, else fp32) and batches the matrices of one shape into one product.
 """
 

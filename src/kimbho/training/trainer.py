@@ -47,8 +47,8 @@ from .step_guard import StepGuard
 
 log = logging.getLogger("kimbho")
 
-# train.verify_data=auto hashes a split when it is smaller than this (SHA-256 streams at ~1 GB/s
-# on one core: a couple of seconds at most).
+# train.verify_data=auto hashes a split when it is smaller than this (SHA-256 streams at about
+# 1 GB/s on one core: a couple of seconds at most).
 VERIFY_HASH_BELOW = 2 * 10**9
 
 
@@ -64,6 +64,12 @@ class Progress:
     # Losses of the steps since the last train record: saved, so that a resumed run's next
     # record averages the same steps as the uninterrupted run's.
     interval_losses: list[float] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**vars(self), "interval_losses": list(self.interval_losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(Progress(**state).state_dict())  # fields it does not know are an error
 
 
 class Trainer:
@@ -210,10 +216,9 @@ class Trainer:
         return bool(wanted)
 
     def _compile_pays(self) -> bool:
-        """`train.compile=auto`: always on CUDA. On a CPU, measured for `small` on 2 cores,
-        compiling costs ~20 s once (~5 s from Inductor's cache) and makes each step ~15% faster,
-        so it pays for runs longer than ~2.5 minutes: compile when the run's FLOPs at the device's
-        measured peak take 3 minutes or more (4-5 minutes at a realistic utilisation)."""
+        """`train.compile=auto`: always on CUDA. On a CPU compiling costs a fixed time once and
+        makes each step somewhat faster (docs/performance.md), so it pays for long runs only:
+        compile when the run's FLOPs at the device's measured peak take 3 minutes or more."""
         if self.device.type == "cuda":
             return True
         if self.device.type != "cpu":
@@ -280,7 +285,7 @@ class Trainer:
         shared: dict[str, Any] = self.world.broadcast(
             {key: state.get(key) for key in ("progress", "guard", "rng", "rng_by_rank")}
         )
-        self.progress = Progress(**shared["progress"])  # every trainer.pt has one
+        self.progress.load_state_dict(shared["progress"])  # every trainer.pt has one
         if shared["guard"] is not None:
             self.guard.load_state_dict(shared["guard"])
         saved_rng = shared["rng_by_rank"] or [shared["rng"]]  # one state per process of the saved run
@@ -367,14 +372,8 @@ class Trainer:
         rng = self.world.gather(rng_state())
         state: dict[str, Any] = {
             "optimizer": optimizer,
-            "progress": {**vars(self.progress), "interval_losses": list(self.progress.interval_losses)},
-            # The sampler's position, explicitly: batch `next_step` of RandomWindowSampler(seed).
-            "data": {
-                "next_step": self.progress.step,
-                "seed": self.cfg.seed,
-                "batch_size": self.cfg.batch_size,
-                "seq_len": self.seq_len,
-            },
+            "progress": self.progress.state_dict(),
+            "data": self.train_data.state_dict(self.progress.step),
             "rng": rng[0] if rng else None,
             "guard": self.guard.state_dict(),
             "fingerprint": self.fingerprint,
