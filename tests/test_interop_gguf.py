@@ -14,7 +14,8 @@ import torch
 import kimbho
 from kimbho.config import KimbhoConfig
 from kimbho.errors import KimbhoError
-from kimbho.interop.gguf import deinterleave_rope, export_gguf, from_gguf, interleave_rope
+from kimbho.interop.gguf import _FUSED, _RENAMES, export_gguf, interleave_rope
+from kimbho.interop.keymap import expand_layers
 from kimbho.model.transformer import apply_rope, rope_tables
 from tests.conftest import TRICKY, run_cli
 
@@ -30,6 +31,32 @@ def _read(path: Path) -> tuple[dict[str, object], dict[str, tuple[torch.Tensor, 
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         tensors[t.name] = (torch.from_numpy(np.array(data, dtype=np.float32)), t.tensor_type.name)
     return fields, tensors
+
+
+def deinterleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `interleave_rope`: rows back from interleaved pairs to rotate-half."""
+    out_dim, in_dim = weight.shape
+    half = out_dim // heads // 2
+    return weight.reshape(heads, half, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def from_gguf(tensors: dict[str, torch.Tensor], config: KimbhoConfig) -> dict[str, torch.Tensor]:
+    """GGUF tensors (as the export names them) -> Kimbho state dict, undoing the q/k permutation:
+    the export's key map read backwards, to show that it loses nothing."""
+    tensors = dict(tensors)
+    for i in range(config.num_blocks):
+        tensors[f"blk.{i}.attn_q.weight"] = deinterleave_rope(
+            tensors[f"blk.{i}.attn_q.weight"], config.num_heads
+        )
+        tensors[f"blk.{i}.attn_k.weight"] = deinterleave_rope(
+            tensors[f"blk.{i}.attn_k.weight"], config.num_kv_heads
+        )
+    state = {name: tensors[g] for name, g in expand_layers(_RENAMES, config) if g in tensors}
+    for name, gguf_names in expand_layers(_FUSED, config):
+        state[name] = torch.cat([tensors[g] for g in gguf_names], dim=0)
+    if config.tie_embeddings:
+        state["head.weight"] = state["embed.weight"]
+    return state
 
 
 def _gqa_model(tie: bool, vocab_size: int) -> kimbho.KimbhoV1Model:

@@ -1,5 +1,6 @@
-"""GGUF (llama.cpp's single-file format) <-> Kimbho: the whole key map, the RoPE layout change,
-and the tokenizer as llama.cpp reads it. Export with `export_gguf`.
+"""Kimbho -> GGUF (llama.cpp's single-file format): the whole key map, the RoPE layout change,
+and the tokenizer as llama.cpp reads it. Export with `export_gguf`; reading GGUF back is the
+tests' business (tests/test_interop_gguf.py inverts the map to prove the export lossless).
 
 llama.cpp runs the "llama" architecture with the rotary embedding of the original Llama code:
 dimensions (2j, 2j+1) of a head form a rotated pair. Kimbho (like Hugging Face) rotates the pair
@@ -26,7 +27,7 @@ from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
 from ..storage.staging import staged_file
-from .hf import expand_layers, special_tokens, split_fused
+from .keymap import expand_layers, special_tokens, split_fused
 
 # Kimbho name -> GGUF name for every tensor that maps one to one; {i} is the layer.
 _RENAMES = {
@@ -55,13 +56,6 @@ def interleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, half, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def deinterleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of `interleave_rope`."""
-    out_dim, in_dim = weight.shape
-    half = out_dim // heads // 2
-    return weight.reshape(heads, half, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
 def to_gguf(state: dict[str, torch.Tensor], config: KimbhoConfig) -> dict[str, torch.Tensor]:
     """Kimbho state dict -> GGUF tensors, q/k in llama.cpp's RoPE layout (a tied model has no
     `output.weight`: llama.cpp then uses `token_embd.weight`)."""
@@ -76,24 +70,6 @@ def to_gguf(state: dict[str, torch.Tensor], config: KimbhoConfig) -> dict[str, t
         out[f"blk.{i}.attn_q.weight"] = interleave_rope(out[f"blk.{i}.attn_q.weight"], config.num_heads)
         out[f"blk.{i}.attn_k.weight"] = interleave_rope(out[f"blk.{i}.attn_k.weight"], config.num_kv_heads)
     return out
-
-
-def from_gguf(tensors: dict[str, torch.Tensor], config: KimbhoConfig) -> dict[str, torch.Tensor]:
-    """GGUF tensors (as `to_gguf` names them) -> Kimbho state dict, undoing the q/k permutation."""
-    tensors = dict(tensors)
-    for i in range(config.num_blocks):
-        tensors[f"blk.{i}.attn_q.weight"] = deinterleave_rope(
-            tensors[f"blk.{i}.attn_q.weight"], config.num_heads
-        )
-        tensors[f"blk.{i}.attn_k.weight"] = deinterleave_rope(
-            tensors[f"blk.{i}.attn_k.weight"], config.num_kv_heads
-        )
-    state = {name: tensors[g] for name, g in expand_layers(_RENAMES, config) if g in tensors}
-    for name, gguf_names in expand_layers(_FUSED, config):
-        state[name] = torch.cat([tensors[g] for g in gguf_names], dim=0)
-    if config.tie_embeddings:
-        state["head.weight"] = state["embed.weight"]
-    return state
 
 
 def export_gguf(
