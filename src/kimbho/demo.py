@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import KimbhoConfig, RunConfig, TrainConfig
 from .data.prepare import prepare
+from .data.tokenizer import Tokenizer
 from .errors import KimbhoError
 from .evaluation import unigram_bpb
 from .inference.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
@@ -59,7 +60,29 @@ def run_demo(minutes: float = 3.0, out: Path = Path("runs/demo")) -> dict[str, f
     seconds = minutes * 60 - (time.perf_counter() - started) - _FINAL_SECONDS
     # Ten validation passes of 16k tokens cost about as much as EVAL_STEPS training steps.
     steps = max(20, int(seconds / sec_per_step) - _EVAL_STEPS)
-    train_cfg = TrainConfig(
+    run = RunConfig(model_cfg, _train_config(steps))
+    trainer = Trainer(run, data_dir, out)
+    (out / _MARKER).write_text("made by `kimbho demo`; the next demo replaces this directory\n")
+    print(
+        f"   {trainer.model.num_params() / 1e6:.2f}M parameters (emb {model_cfg.emb_dim}, {model_cfg.num_blocks} blocks, "
+        f"{model_cfg.num_heads} heads sharing {model_cfg.num_kv_heads} K/V heads), {steps} steps of "
+        f"{DEMO_BATCH} x {DEMO_SEQ_LEN} tokens, ~{sec_per_step * 1000:.0f} ms per step"
+    )
+
+    print(f"== 3/4 training for about {seconds / 60:.1f} minutes")
+    trainer.fit()
+
+    print("== 4/4 results")
+    final_bpb, unigram = _report(out, data_dir, trainer.model.eval(), trainer.tokenizer)
+    print(
+        f'done in {(time.perf_counter() - started) / 60:.1f} minutes; try: kimbho generate {out} --prompt "The with statement"'
+    )
+    return {"val_bpb": final_bpb, "unigram_bpb": unigram, "steps": steps}
+
+
+def _train_config(steps: int) -> TrainConfig:
+    """The demo's recipe for a run of `steps` steps."""
+    return TrainConfig(
         batch_size=DEMO_BATCH,
         seq_len=DEMO_SEQ_LEN,
         # Tuned on this corpus with AdamW and cosine: at the demo's sizes (2-10M parameters) Muon's
@@ -77,20 +100,10 @@ def run_demo(minutes: float = 3.0, out: Path = Path("runs/demo")) -> dict[str, f
         keep_last=1,
         seed=0,
     )
-    run = RunConfig(model_cfg, train_cfg)
-    trainer = Trainer(run, data_dir, out)
-    (out / _MARKER).write_text("made by `kimbho demo`; the next demo replaces this directory\n")
-    print(
-        f"   {trainer.model.num_params() / 1e6:.2f}M parameters (emb {model_cfg.emb_dim}, {model_cfg.num_blocks} blocks, "
-        f"{model_cfg.num_heads} heads sharing {model_cfg.num_kv_heads} K/V heads), {steps} steps of "
-        f"{DEMO_BATCH} x {DEMO_SEQ_LEN} tokens, ~{sec_per_step * 1000:.0f} ms per step"
-    )
 
-    print(f"== 3/4 training for about {seconds / 60:.1f} minutes")
-    trainer.fit()
-    model = trainer.model.eval()
 
-    print("== 4/4 results")
+def _report(out: Path, data_dir: Path, model: KimbhoV1Model, tokenizer: Tokenizer) -> tuple[float, float]:
+    """Print the validation curve, the unigram baseline and samples; returns (final bpb, unigram bpb)."""
     curve = [(r["step"], r["val_bpb"]) for r in read_metrics(out, "eval")]
     final_bpb = curve[-1][1]
     unigram = unigram_bpb(data_dir)
@@ -106,7 +119,7 @@ def run_demo(minutes: float = 3.0, out: Path = Path("runs/demo")) -> dict[str, f
         text = "".join(
             stream(
                 model,
-                trainer.tokenizer,
+                tokenizer,
                 prompt,
                 60,
                 temperature=DEFAULT_TEMPERATURE,
@@ -115,10 +128,7 @@ def run_demo(minutes: float = 3.0, out: Path = Path("runs/demo")) -> dict[str, f
             )
         )
         print(f"   > {prompt}{text}".replace("\n", "\n     "))
-    print(
-        f'done in {(time.perf_counter() - started) / 60:.1f} minutes; try: kimbho generate {out} --prompt "The with statement"'
-    )
-    return {"val_bpb": final_bpb, "unigram_bpb": unigram, "steps": steps}
+    return final_bpb, unigram
 
 
 def _pick_model(vocab: int, data_dir: Path, seconds: float) -> tuple[KimbhoConfig, float]:

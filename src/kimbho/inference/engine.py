@@ -26,7 +26,6 @@ at batch 1 for a compile once per process (docs/generation.md, Decode speed).
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,8 @@ import torch
 from ..data.tokenizer import TextStream, Tokenizer
 from ..device import compile_decode
 from ..errors import KimbhoError, RequestError
-from ..model import KimbhoV1Model, KVCache
+from ..model import KimbhoV1Model
+from .decode_step import compiled_decode_step, decode_step
 from .sampling import SamplingParams, draw, process_logits
 
 
@@ -140,7 +140,7 @@ class Engine:
         self._counts: torch.Tensor | None = None  # (slots, vocab) output token counts
         self._next_id = 0
         self.compiled = compile_decode(compile, self.device)
-        self._decode_step = _compiled_decode_step(self.cache, self.device) if self.compiled else decode_step
+        self._decode_step = compiled_decode_step(self.cache, self.device) if self.compiled else decode_step
 
     @property
     def slots(self) -> int:
@@ -454,49 +454,6 @@ class Engine:
         # Unseeded requests still follow torch's global seed, so torch.manual_seed reproduces them.
         seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()).item())
         return torch.Generator(device=self.device).manual_seed(seed + index)
-
-
-def decode_step(
-    model: KimbhoV1Model,
-    tokens: torch.Tensor,
-    positions: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    kv_len: int,
-) -> torch.Tensor:
-    """One token per slot: `tokens` (S,) at `positions` (S,) into the cache (keys, values)
-    (num_blocks, S, n_kv, max_len, hd), attending to the first `kv_len` positions. Returns the
-    next-token logits (S, vocab). Static shapes: this is the function compiled on CUDA."""
-    hidden = model.features(tokens[:, None], KVCache(keys, values), positions[:, None], kv_len)
-    return model.head(hidden[:, -1])
-
-
-def _compiled_decode_step(cache: KVCache, device: torch.device):
-    """`decode_step` compiled with static shapes. On CUDA it is captured in a CUDA graph
-    (mode "reduce-overhead": one launch per step instead of hundreds); the cache tensors are
-    marked static so the graph may write into them in place."""
-    if device.type != "cuda":
-        return _cpu_compiled_decode_step()
-    torch._dynamo.mark_static_address(cache.keys)
-    torch._dynamo.mark_static_address(cache.values)
-    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-
-    def step(*args):
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        return compiled(*args)
-
-    return step
-
-
-@functools.cache
-def _cpu_compiled_decode_step():
-    """`decode_step` compiled for the CPU, its few-row matrix products rewritten to read the
-    weights at memory speed (see `small_matmul`). One per process: each engine after the first
-    reuses the graphs compiled for its shapes."""
-    from .small_matmul import SmallMatmulPass  # imports Inductor: only when compiling
-
-    options = {"post_grad_custom_post_pass": SmallMatmulPass()}
-    return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
 
 
 class _StopStrings:

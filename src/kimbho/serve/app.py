@@ -90,6 +90,14 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(Guard, api_key=options.api_key, max_body_bytes=options.max_body_bytes)
 
+    _add_error_handlers(app)
+    _add_routes(app, service)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error object: 4xx for the client's mistakes, 500 (logged) for ours."""
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message, param = describe_validation_error(exc.errors())
@@ -109,6 +117,10 @@ def create_app(
     async def bug(request: Request, exc: Exception) -> JSONResponse:  # never a user's mistake: logged
         log.error("request failed", exc_info=exc)
         return JSONResponse(error_body(f"internal error: {exc}", None, "server_error"), status_code=500)
+
+
+def _add_routes(app: FastAPI, service: Service) -> None:
+    """OpenAI's routes (each a call into `service`), /health and the playground page."""
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -134,8 +146,6 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
         return HTMLResponse(resources.files(__package__).joinpath("playground.html").read_text())
-
-    return app
 
 
 def _version() -> str:

@@ -16,8 +16,6 @@ import logging
 import math
 import os
 import signal
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from ..storage import checkpoints as checkpoint
 from . import distributed
 from .metrics import DiscardedMetrics, MetricsLog
 from .optim import build_optimizer
+from .progress import Clock, Progress, due, finite_or_none
 from .resume import Found, find_checkpoint
 from .rng import process_seed, rng_state, set_rng_state
 from .schedule import lr_at
@@ -50,26 +49,6 @@ log = logging.getLogger("kimbho")
 # train.verify_data=auto hashes a split when it is smaller than this (SHA-256 streams at about
 # 1 GB/s on one core: a couple of seconds at most).
 VERIFY_HASH_BELOW = 2 * 10**9
-
-
-@dataclass
-class Progress:
-    """How far the run has come; saved with every checkpoint."""
-
-    step: int = 0  # optimizer steps done, which is also the data position: the next batch is `step`
-    tokens_seen: int = 0
-    elapsed_sec: float = 0.0
-    skipped_steps: int = 0  # steps whose update the guard refused (NaN/Inf, spikes)
-    best_val_loss: float | None = None  # of checkpoints/best/
-    # Losses of the steps since the last train record: saved, so that a resumed run's next
-    # record averages the same steps as the uninterrupted run's.
-    interval_losses: list[float] = field(default_factory=list)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**vars(self), "interval_losses": list(self.interval_losses)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(Progress(**state).state_dict())  # fields it does not know are an error
 
 
 class Trainer:
@@ -424,7 +403,7 @@ class Trainer:
             disable=not (self.progress_bar and self.world.is_main) or None,
             dynamic_ncols=True,
         )
-        clock = _Clock(self.progress.elapsed_sec)
+        clock = Clock(self.progress.elapsed_sec)
         last: dict[str, Any] = {}
         try:
             with GracefulStop() as stop:
@@ -433,9 +412,9 @@ class Trainer:
                     loss, grad_norm = self.train_step(step)
                     done = self._count_step(loss, grad_norm, clock)
                     bar.update(1)
-                    if _due(done, cfg.log_every, cfg.max_steps):
+                    if due(done, cfg.log_every, cfg.max_steps):
                         last["train"] = self._log(step, grad_norm, clock, bar)
-                    eval_due = _due(done, cfg.eval_every, cfg.max_steps)
+                    eval_due = due(done, cfg.eval_every, cfg.max_steps)
                     if eval_due and (record := self._validate(done, bar)) is not None:
                         last["eval"] = record
                     # Samples come with each validation unless sample_every sets their own rhythm.
@@ -444,7 +423,7 @@ class Trainer:
                         self.metrics.write("sample", done, text=self.sample_text())
                     # A signal seen by any process stops all of them after this same step.
                     signum = self.world.max(signal.Signals[stop.signal_name].value if stop.signal_name else 0)
-                    if _due(done, cfg.save_every, cfg.max_steps) or signum:
+                    if due(done, cfg.save_every, cfg.max_steps) or signum:
                         saved = self.save()
                     if signum:
                         last["stopped_by"] = signal.Signals(signum).name
@@ -464,7 +443,7 @@ class Trainer:
             self.metrics.close()
         return last
 
-    def _count_step(self, loss: float, grad_norm: float, clock: _Clock) -> int:
+    def _count_step(self, loss: float, grad_norm: float, clock: Clock) -> int:
         """Advance the progress counters past the step just trained; returns its number."""
         self.progress.step += 1
         self.progress.tokens_seen += self.cfg.batch_size * self.seq_len
@@ -476,14 +455,14 @@ class Trainer:
             self._record_skip(self.progress.step, loss, grad_norm)
         return self.progress.step
 
-    def _log(self, step: int, grad_norm: float, clock: _Clock, bar: tqdm) -> dict[str, Any]:
+    def _log(self, step: int, grad_norm: float, clock: Clock, bar: tqdm) -> dict[str, Any]:
         """The train record of the steps since the last one (the loss: their mean)."""
         losses = self.progress.interval_losses
         tokens_per_sec = clock.steps * self.cfg.batch_size * self.seq_len / max(clock.interval(), 1e-9)
         record: dict[str, Any] = {
             "loss": sum(losses) / len(losses) if losses else None,
             "lr": lr_at(step, self.cfg),
-            "grad_norm": _finite_or_none(grad_norm),
+            "grad_norm": finite_or_none(grad_norm),
             "tokens_seen": self.progress.tokens_seen,
             "tokens_per_sec": tokens_per_sec,
             # Only rank 0 writes records: the others skip timing the peak.
@@ -521,7 +500,7 @@ class Trainer:
         reason = self.guard.last_reason
         self.progress.skipped_steps += 1
         self.metrics.write(
-            "skip", done, reason=reason, loss=_finite_or_none(loss), grad_norm=_finite_or_none(grad_norm)
+            "skip", done, reason=reason, loss=finite_or_none(loss), grad_norm=finite_or_none(grad_norm)
         )
         log.warning(f"step {done}: skipped the optimizer step: {reason}")
         if self.guard.consecutive >= self.cfg.max_skipped_steps:
@@ -532,32 +511,3 @@ class Trainer:
                 + (f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet")
                 + ". Lower train.lr or check the data, then continue with --resume"
             )
-
-
-class _Clock:
-    """Wall-clock time of a training session: the run's elapsed seconds (carried over a resume)
-    and the current logging interval's (for tokens/s)."""
-
-    def __init__(self, elapsed_before: float) -> None:
-        self.session_start = self.interval_start = time.perf_counter()
-        self.elapsed_before = elapsed_before
-        self.steps = 0  # steps in the current interval
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.session_start
-
-    def interval(self) -> float:
-        return time.perf_counter() - self.interval_start
-
-    def restart_interval(self) -> None:
-        self.interval_start, self.steps = time.perf_counter(), 0
-
-
-def _due(done: int, every: int, last: int) -> bool:
-    """Whether something done every `every` steps (0: only at the end) is due after step `done`."""
-    return bool(every and done % every == 0) or done == last
-
-
-def _finite_or_none(value: float) -> float | None:
-    """JSON has no NaN or Infinity: a non-finite number is recorded as null."""
-    return value if math.isfinite(value) else None
