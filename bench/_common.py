@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import resource
 import sys
 from pathlib import Path
@@ -133,3 +134,20 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(path)
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the matrix extensions that decide `precision=auto`: numbers are
+    reported next to it, since the machines differ between runs."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), ""
+    )
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    )
+    extensions = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return f"{name or platform.machine()} ({extensions[0] if extensions else 'no AVX2'})"

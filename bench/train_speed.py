@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from _common import (
     DEFAULT_CORPUS,
     RESULTS,
     SEQ_LEN,
+    cpu_name,
     hf_model,
     hf_train_step,
     load_results,
@@ -161,17 +161,10 @@ def hf_stepper(cfg: Any, precision: str, data_dir: Path) -> tuple[Any, str]:
     sampler = RandomWindowSampler(TokenStream(data_dir, "train"), SEQ_LEN, BATCH, seed=0)
 
     def step(i: int) -> None:
-        hf_train_step(model, optimizer, *sampler.batch(i), dtype=DTYPES[precision])
+        batch = sampler.batch(i)
+        hf_train_step(model, optimizer, batch.inputs, batch.targets, dtype=DTYPES[precision])
 
     return step, f"AdamW (fused), attention {model.config._attn_implementation}"
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def report(results: dict[str, Any]) -> None:

@@ -155,11 +155,11 @@ def test_random_window_sampler_is_a_function_of_seed_and_step(data_dir: Path) ->
     stream = TokenStream(data_dir, "train")
     a = RandomWindowSampler(stream, 16, batch_size=4, seed=1)
     b = RandomWindowSampler(stream, 16, batch_size=4, seed=1)
-    assert torch.equal(a.batch(7)[0], b.batch(7)[0])
-    assert not torch.equal(a.batch(7)[0], a.batch(8)[0])
-    x, y = a.batch(7)
+    assert torch.equal(a.batch(7).inputs, b.batch(7).inputs)
+    assert not torch.equal(a.batch(7).inputs, a.batch(8).inputs)
+    x, y = a.batch(7).inputs, a.batch(7).targets
     assert torch.equal(x[:, 1:], y[:, :-1])
-    assert torch.equal(a.batch(7, slice(2, 4))[0], x[2:4])  # a process's share of the global batch
+    assert torch.equal(a.batch(7, slice(2, 4)).inputs, x[2:4])  # a process's share of the global batch
 
 
 def test_not_a_data_directory(tmp_path: Path) -> None:

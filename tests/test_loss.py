@@ -30,6 +30,27 @@ def test_equals_cross_entropy_of_the_full_logits(reduction: str, monkeypatch: py
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ignored_targets_count_for_nothing(reduction: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Targets of IGNORE (-100) add no loss and no gradient, as in `cross_entropy(ignore_index=-100)`;
+    the mean is over the other targets."""
+    monkeypatch.setattr(loss_module, "_CHUNK_ELEMENTS", 97 * 64)
+    hidden, weight, targets = _inputs()
+    targets = targets.clone()
+    targets[0, :40] = loss_module.IGNORE  # a whole chunk and part of the next
+    targets[2, ::3] = loss_module.IGNORE
+    expected = F.cross_entropy(
+        (hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction=reduction, ignore_index=-100
+    )
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    got = linear_cross_entropy(hidden, weight, targets, reduction=reduction)
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
+    assert got_grads[0][0, :40].abs().max() == 0  # nothing flows back from an ignored position
+
+
 def test_without_gradients_it_only_computes_the_loss() -> None:
     """Under `no_grad` (evaluation) only the head's product runs, not the two gradient products."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -14,47 +14,34 @@ import numpy as np
 import torch
 
 from .data.corpus import CorpusReport, read_sections
-from .data.shards import TokenStream, eval_windows, load_meta
+from .data.shards import Batch, TokenStream, eval_windows, load_meta, window_batches
 from .data.tokenizer import Tokenizer
 from .device import autocast
 from .errors import KimbhoError
 from .model import KimbhoV1Model
+from .model.loss import IGNORE
 
 
 @torch.no_grad()
 def sum_loss(
     model: KimbhoV1Model,
-    windows: Iterable[torch.Tensor],
+    batches: Iterable[Batch],
     tokenizer: Tokenizer,
-    batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[float, int, int]:
     """(total cross-entropy in nats, tokens predicted, UTF-8 bytes of the predicted tokens) over
-    windows of ids (each predicts all but its first token). Windows of equal length are batched
-    together."""
+    batches (`window_batches` for plain text; packed rows count their learnt targets only)."""
     device = model.embed.weight.device
     was_training = model.training
     model.eval()
     total, count, num_bytes = 0.0, 0, 0
-    pending: list[torch.Tensor] = []
-
-    def run(batch: list[torch.Tensor]) -> None:
-        nonlocal total, count, num_bytes
-        chunk = torch.stack(batch)
-        targets = chunk[:, 1:]
-        num_bytes += tokenizer.count_bytes(targets.reshape(-1).numpy())
-        chunk = chunk.to(device)
+    for batch in batches:
+        targets = batch.targets.reshape(-1)
+        counted = targets[targets != IGNORE]
+        num_bytes += tokenizer.count_bytes(counted.numpy())
+        count += len(counted)
         with autocast(device, dtype):
-            total += model(chunk[:, :-1], targets=chunk[:, 1:], reduction="sum").item()
-        count += targets.numel()
-
-    for window in windows:
-        if pending and (len(pending) == batch_size or len(window) != len(pending[0])):
-            run(pending)
-            pending = []
-        pending.append(window)
-    if pending:
-        run(pending)
+            total += batch.to(device).loss(model, reduction="sum").item()
     model.train(was_training)
     return total, count, num_bytes
 
@@ -100,7 +87,7 @@ def evaluate(
             )
         stream = TokenStream(path, "val")
         windows = eval_windows(stream.window, len(stream), seq_len, max_tokens)
-        return summarize(*sum_loss(model, windows, tokenizer, batch_size))
+        return summarize(*sum_loss(model, window_batches(windows, batch_size), tokenizer))
     if not path.is_file():
         raise KimbhoError(
             f"evaluation data {data} does not exist (give a prepared data directory or a text file)"
@@ -117,7 +104,7 @@ def evaluate(
     windows = eval_windows(
         lambda start, length: array[start : start + length], len(array), seq_len, max_tokens
     )
-    return summarize(*sum_loss(model, windows, tokenizer, batch_size))
+    return summarize(*sum_loss(model, window_batches(windows, batch_size), tokenizer))
 
 
 def unigram_bpb(data_dir: Path) -> float:

@@ -26,7 +26,7 @@ from .corpus import (
     read_sections,
     resolve_inputs,
 )
-from .shards import SPLITS
+from .shards import SPLITS, TOKENS_FORMAT
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kimbho")
@@ -155,7 +155,7 @@ def _write_shards(
         )
     splits = {split: writer.close() for split, writer in writers.items()}
     return {
-        "format": "kimbho-tokens-v1",
+        "format": TOKENS_FORMAT,
         "tokenizer_sha256": tokenizer.sha256,
         "vocab_size": vocab,
         "dtype": np.dtype(dtype).name,

@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,74 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import KimbhoError
+from ..model.loss import IGNORE
 
 log = logging.getLogger("kimbho")
 
 SPLITS = ("train", "val")
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Rows of model inputs and their next-token targets, (B, T) each. Packed rows (fine-tuning)
+    also carry each token's position within its example and the example's number in the row
+    (`segments`), and IGNORE targets where nothing is learnt (see `KimbhoV1Model.forward`)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
+
+    def rows(self, rows: slice) -> Batch:
+        return Batch(*(None if t is None else t[rows] for t in self._tensors()))  # type: ignore[arg-type]
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(None if t is None else t.to(device) for t in self._tensors()))  # type: ignore[arg-type]
+
+    def loss(self, model: torch.nn.Module, reduction: str = "mean") -> torch.Tensor:
+        """The cross-entropy of `model` (a KimbhoV1Model, or DDP around one) on these rows."""
+        return model(
+            self.inputs,
+            positions=self.positions,
+            segments=self.segments,
+            targets=self.targets,
+            reduction=reduction,
+        )
+
+    def num_targets(self) -> int:
+        """How many targets are learnt from (all but the IGNORE ones)."""
+        return int((self.targets != IGNORE).sum())
+
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.inputs, self.targets, self.positions, self.segments)
+
+
+def window_batches(windows: Iterable[torch.Tensor], batch_size: int) -> Iterator[Batch]:
+    """Windows of ids (each predicting all but its first token) as batches of up to `batch_size`
+    windows of equal length."""
+    pending: list[torch.Tensor] = []
+    for window in windows:
+        if pending and (len(pending) == batch_size or len(window) != len(pending[0])):
+            chunk = torch.stack(pending)
+            yield Batch(chunk[:, :-1], chunk[:, 1:])
+            pending = []
+        pending.append(window)
+    if pending:
+        chunk = torch.stack(pending)
+        yield Batch(chunk[:, :-1], chunk[:, 1:])
+
+
 # --- reading prepared data -------------------------------------------------------------------
 
 
-def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+TOKENS_FORMAT = "kimbho-tokens-v1"
+
+
+def load_meta(
+    data_dir: str | os.PathLike[str], formats: tuple[str, ...] = (TOKENS_FORMAT,)
+) -> dict[str, Any]:
+    """A data directory's meta.json, of one of `formats` (`prepare`'s token shards by default;
+    the trainer also reads `kimbho finetune`'s packed conversations, `chat_data.FORMAT`)."""
     path = Path(data_dir) / "meta.json"
     if not Path(data_dir).is_dir():
         raise KimbhoError(f"data directory {data_dir} does not exist; create it with `kimbho prepare`")
@@ -49,8 +108,9 @@ def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise KimbhoError(f"{path} is corrupt (not valid JSON); prepare the data again") from None
-    if meta.get("format") != "kimbho-tokens-v1":
-        raise KimbhoError(f"{path} is not a Kimbho data directory (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") not in formats:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise KimbhoError(f"{path} is not a Kimbho data directory of the kind needed here (format {found!r})")
     return meta
 
 
@@ -170,11 +230,15 @@ class RandomWindowSampler:
         rng = np.random.default_rng([self.seed, step])
         return rng.integers(0, len(self.stream) - self.seq_len, size=self.batch_size)
 
-    def batch(self, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (len(rows), seq_len) int64: the given rows of batch `step`."""
+    def batch(self, step: int, rows: slice = slice(None)) -> Batch:
+        """The given rows of batch `step`: inputs and targets (len(rows), seq_len) int64."""
         windows = np.stack([self.stream.window(int(o), self.seq_len + 1) for o in self.offsets(step)[rows]])
         chunk = torch.from_numpy(windows.astype(np.int64))
-        return chunk[:, :-1], chunk[:, 1:]
+        return Batch(chunk[:, :-1], chunk[:, 1:])
+
+    def num_targets(self, step: int) -> int:
+        """Targets learnt from in the whole batch `step`: every one."""
+        return self.batch_size * self.seq_len
 
     def state_dict(self, next_step: int) -> dict[str, int]:
         """The sampler's position, for a checkpoint to say: the next batch is `next_step` of

@@ -23,6 +23,9 @@ import torch
 # Rows per chunk: chunk x vocab fp32 logits of about 16 MB stay cache- and allocator-friendly
 # (for an 8192-token vocabulary, 512 rows: the fastest of 256..4096 in bench/loss_speed.py).
 _CHUNK_ELEMENTS = 1 << 22
+# A target of this value predicts nothing: no loss, no gradient (PyTorch's `ignore_index`). The
+# fine-tuning data marks the prompt's tokens and the padding of packed rows with it.
+IGNORE = -100
 
 
 # A compiled model forward (`train.compile`) stops at the loss and runs it eager: it computes
@@ -37,8 +40,9 @@ def linear_cross_entropy(
     """`cross_entropy(hidden @ weight.T, targets)` without materialising all the logits.
 
     hidden (..., D) final hidden states, weight (V, D) the output projection, targets (...) token
-    ids. Matrix products follow the enclosing autocast (bf16 under `device.autocast`), the
-    softmax is fp32. `reduction` is `mean` or `sum` (over all targets)."""
+    ids, `IGNORE` where nothing is predicted. Matrix products follow the enclosing autocast (bf16
+    under `device.autocast`), the softmax is fp32. `reduction` is `mean` (over the targets that
+    are not `IGNORE`) or `sum`."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     device_type = hidden.device.type
@@ -49,8 +53,10 @@ def linear_cross_entropy(
     # Inside `forward` grad mode is always off, and `needs_input_grad` ignores `torch.no_grad`:
     # ask here, so evaluation does not compute gradients it would throw away.
     grads = torch.is_grad_enabled()
-    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_targets, chunk_rows, dtype, grads)
-    return total / flat_targets.numel() if reduction == "mean" else total
+    counted = flat_targets != IGNORE
+    masked = not bool(counted.all())  # one check per call; pretraining batches have no IGNORE
+    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_targets, chunk_rows, dtype, grads, masked)
+    return total / (counted.sum() if masked else flat_targets.numel()) if reduction == "mean" else total
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -65,6 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_rows: int,
         dtype: torch.dtype,
         grads: bool,
+        masked: bool,
     ) -> torch.Tensor:
         want_hidden, want_weight = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -76,14 +83,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 h, y = hidden[rows].to(dtype), targets[rows]  # (n, D), (n,)
+                keep = y != IGNORE if masked else None
+                if keep is not None:
+                    y = y.clamp_min(0)  # any real id: its term is dropped below
                 logits = (h @ w.T).float()  # (n, V)
                 lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                losses = lse - logits.gather(1, y[:, None]).squeeze(1)
+                total += (losses if keep is None else losses * keep).sum()
                 if not (want_hidden or want_weight):
                     continue
                 # d(loss)/d(logits) = softmax - one_hot(target), computed in place in the logits.
                 grad_logits = logits.sub_(lse[:, None]).exp_()
                 grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+                if keep is not None:
+                    grad_logits *= keep[:, None]
                 grad_logits = grad_logits.to(dtype)
                 if grad_hidden is not None:
                     grad_hidden[rows] = grad_logits @ w  # (n, D)
@@ -101,6 +114,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (
             grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
             (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None,
+            None,
             None,
             None,
             None,

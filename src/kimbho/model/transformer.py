@@ -285,11 +285,18 @@ class KimbhoV1Model(nn.Module):
         *,
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size); see `features` for the cache and positions. Given `targets`
-        (B, T) token ids, the cross-entropy of predicting them instead (`reduction` `mean` or
-        `sum` over all targets), computed without materialising the logits."""
-        hidden = self._hidden(input_ids, cache, positions)
+        (B, T) token ids (`model/loss.py`'s IGNORE where nothing is predicted), the cross-entropy
+        of predicting them instead (`reduction` `mean` or `sum`), computed without materialising
+        the logits.
+
+        Packed rows (several examples in one row, as fine-tuning trains): without a cache,
+        `positions` (B, T) restart at 0 for each example and `segments` (B, T) number them; a
+        token attends only to earlier tokens of its own segment, so each example computes what
+        it would alone."""
+        hidden = self._hidden(input_ids, cache, positions, segments=segments)
         if targets is None:
             return self.head(hidden)
         return linear_cross_entropy(hidden, self.head.weight, targets, reduction)
@@ -300,8 +307,9 @@ class KimbhoV1Model(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The body `features` and `forward` share (see `features`)."""
+        """The body `features` and `forward` share (see both)."""
         if input_ids.dim() != 2:
             raise KimbhoError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
@@ -311,7 +319,21 @@ class KimbhoV1Model(nn.Module):
                 raise KimbhoError(
                     f"sequence of {T} tokens is longer than the model's context of {self.config.max_seq_len}"
                 )
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+            if segments is None:
+                cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+            else:
+                if (
+                    positions is None
+                    or positions.shape != input_ids.shape
+                    or segments.shape != input_ids.shape
+                ):
+                    raise KimbhoError(
+                        "packed rows need positions and segments of input_ids' (batch, seq_len) shape"
+                    )
+                cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+                # Causal within a segment, blind across segments: (B, 1, T, T).
+                causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+                mask = (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
         else:
             if positions is None or positions.shape != input_ids.shape:
                 raise KimbhoError(
@@ -335,7 +357,7 @@ class KimbhoV1Model(nn.Module):
         x = self.embed(input_ids)  # (B, T, emb)
         for i, block in enumerate(self.blocks):
             if self.checkpoint_activations and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, cos, sin, None, i, None, None, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, None, i, None, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, i, positions, mask)
         return self.norm(x)
