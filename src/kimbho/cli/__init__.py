@@ -10,10 +10,10 @@ import os
 import sys
 
 from ..errors import KimbhoError, ReportedElsewhere
-from . import demo, evaluate, export, generate, prepare, serve, tokenizer, train
+from . import demo, evaluate, export, finetune, generate, prepare, serve, tokenizer, train
 
 # One module per command, each with its `add_parser`; listed in the order `--help` shows them.
-COMMANDS = (tokenizer, prepare, train, generate, evaluate, serve, export, demo)
+COMMANDS = (tokenizer, prepare, train, finetune, generate, evaluate, serve, export, demo)
 
 log = logging.getLogger("kimbho")
 
@@ -55,7 +55,14 @@ class _Formatter(logging.Formatter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes a command's positionals in one go: `finetune MODEL --data F key=value`
+    # leaves the key=value after the options over. Commands with overrides take them anyway.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = _StderrHandler()
     handler.setFormatter(_Formatter())

@@ -22,10 +22,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..data.conversations import ROLES
 from ..data.tokenizer import _EOT_NAMES, EOT, Tokenizer
 from ..errors import KimbhoError
 
-ROLES = ("system", "user", "assistant")
 # A rendered prompt longer than this is refused: 8x the server's largest request body.
 MAX_RENDERED_CHARS = 16 * 1024 * 1024
 
@@ -86,14 +86,59 @@ class ChatFormat:
             raise KimbhoError("messages must hold at least one message")
         if self.template is None:
             ids: list[int] = []
-            eot = self.tokenizer.eot_id
-            assert eot is not None  # checked when the format was made
             for m in messages:
-                if m["role"] not in self._role_ids:
-                    raise KimbhoError(f"role {m['role']!r} is not one of {', '.join(ROLES)}")
-                ids += [self._role_ids[m["role"]], *self.tokenizer.encode(m["content"])]
-                ids.append(eot)
+                ids += self._role_message(m)
             return [*ids, self._role_ids["assistant"]]
+        return self._encode_text(self._render(messages, add_generation_prompt=True))
+
+    def encode_conversation(
+        self, messages: Sequence[dict[str, Any]], targets: Sequence[bool]
+    ) -> tuple[list[int], list[bool]]:
+        """A whole conversation as training ids, and which ids are targets: the content of each
+        assistant message whose `targets` entry is True, and the token that ends it. Everything
+        else (system and user turns, role markers, replies kept as context) is prompt.
+
+        The prompt of reply i is exactly `encode(messages[:i])`, what generation feeds the model,
+        so the model learns to continue the prompts it will be given."""
+        if self.template is None:
+            ids, mask = [], []
+            for m, target in zip(messages, targets, strict=True):
+                piece = self._role_message(m)
+                ids += piece
+                # The role marker is the prompt's; the content and its end-of-text the reply's.
+                reply = m["role"] == "assistant" and target
+                mask += [False] + [reply] * (len(piece) - 1)
+            return ids, mask
+        # A template is text: find each reply's characters as the difference between the
+        # conversation rendered up to its prompt and up to its end, then mark the tokens there.
+        full = self._render(messages, add_generation_prompt=False)
+        spans = []
+        for i, (m, target) in enumerate(zip(messages, targets, strict=True)):
+            if m["role"] != "assistant" or not target:
+                continue
+            before = self._render(messages[:i], add_generation_prompt=True) if i else ""
+            through = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise KimbhoError(
+                    "the chat template does not render a conversation as the prefix of its longer "
+                    "self, so the replies cannot be found in it; fine-tune with a template that does"
+                )
+            spans.append((len(before), len(through)))
+        # `encode_batch`, not `_fast`: the fast call leaves the offsets out.
+        encoding = self._special_encoder.encode_batch([full], add_special_tokens=False)[0]
+        mask = [any(a <= start < b for a, b in spans) for start, _ in encoding.offsets]
+        return encoding.ids, mask
+
+    def _role_message(self, message: dict[str, Any]) -> list[int]:
+        """The default format's message: its role token, its content, end-of-text."""
+        if message["role"] not in self._role_ids:
+            raise KimbhoError(f"role {message['role']!r} is not one of {', '.join(ROLES)}")
+        eot = self.tokenizer.eot_id
+        assert eot is not None  # checked when the format was made
+        return [self._role_ids[message["role"]], *self.tokenizer.encode(message["content"]), eot]
+
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """The template's text for `messages`."""
         from jinja2 import TemplateError
 
         special = {t.content: t.content for t in self.tokenizer.inner.get_added_tokens_decoder().values()}
@@ -103,7 +148,7 @@ class ChatFormat:
             # rather than when memory runs out.
             for piece in self._compiled.generate(
                 messages=[dict(m) for m in messages],
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 bos_token=_first(special, ("<s>", "<|begin_of_text|>", "<bos>")),
                 eos_token=_first(special, _EOT_NAMES),
             ):
@@ -119,8 +164,12 @@ class ChatFormat:
             raise KimbhoError(f"the chat template refused the messages: {e}") from None
         except Exception as e:  # templates ship with imported models: any bug of theirs is named
             raise KimbhoError(f"the model's chat template failed ({type(e).__name__}: {e})") from None
-        # The batch call releases the GIL (see `Tokenizer.encode`).
-        return self._special_encoder.encode_batch_fast(["".join(pieces)], add_special_tokens=False)[0].ids
+        return "".join(pieces)
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Rendered template text -> ids, its special-token strings as the tokens they name. The
+        batch call releases the GIL (see `Tokenizer.encode`)."""
+        return self._special_encoder.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
 
 def read_chat_template(model_dir: Path) -> str | None:

@@ -69,6 +69,7 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     keep_last: int,
     name: str | None = None,
+    chat_template: str | None = None,
     **manifest_extra: Any,
 ) -> Path:
     """Write checkpoint `step` of `run_dir` atomically, then drop all but the newest `keep_last`.
@@ -76,7 +77,9 @@ def save_checkpoint(
     `weights` is the bare model's full state dict (`model.state_dict()`, or gathered from the
     processes, see `distributed.full_weights`); `run_config.model` is its config. `name` writes
     `checkpoints/<name>/` instead of `step-N/`, outside retention (the best checkpoint);
-    `trainer_state=None` writes a weights-only checkpoint. A failed write (disk full)
+    `trainer_state=None` writes a weights-only checkpoint. `chat_template` (a fine-tuned model's,
+    when it is a Jinja template rather than Kimbho's role tokens) goes in `chat_template.jinja`,
+    where loading finds it as in a Hugging Face directory. A failed write (disk full)
     raises a `KimbhoError` and leaves the existing checkpoints as they were, with no temporary
     directory behind."""
     root = run_dir / CHECKPOINTS
@@ -95,6 +98,9 @@ def save_checkpoint(
         tokenizer.save(tmp / writing)
         writing = "run.yaml"
         run_config.save(tmp / writing)
+        if chat_template is not None:
+            writing = "chat_template.jinja"
+            (tmp / writing).write_text(chat_template)
         if trainer_state is not None:
             writing = "trainer.pt"
             # Through a Python file, so a failed write keeps its OSError (as the RuntimeError's context).

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,17 @@ import yaml
 from tqdm import tqdm
 
 from ..config import RunConfig
-from ..data.shards import RandomWindowSampler, TokenStream, dataset_fingerprint, eval_windows, load_meta
+from ..data import chat_data
+from ..data.shards import (
+    TOKENS_FORMAT,
+    Batch,
+    RandomWindowSampler,
+    TokenStream,
+    dataset_fingerprint,
+    eval_windows,
+    load_meta,
+    window_batches,
+)
 from ..data.tokenizer import Tokenizer
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..errors import KimbhoError
@@ -64,6 +75,7 @@ class Trainer:
         progress_bar: bool = True,
         init_from: str | os.PathLike[str] | None = None,
         force_resume: bool = False,
+        chat_template: str | None = None,
     ) -> None:
         """`resume`: continue from the newest usable checkpoint in `out_dir`. It refuses a checkpoint
         made with another model config, tokenizer or dataset unless `force_resume` is set.
@@ -74,6 +86,9 @@ class Trainer:
         self.run, self.cfg = run, run.train
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
         self.progress_bar = progress_bar
+        # A Jinja chat template the model was fine-tuned in, saved with its checkpoints (None:
+        # Kimbho's role-token format, which the tokenizer implies).
+        self.chat_template = chat_template
         self.world = distributed.setup(pick_device(self.cfg.device), self.cfg.dist_timeout)
         self.device = self.world.device
         with self.world.together():
@@ -96,7 +111,7 @@ class Trainer:
         """The tokenizer, the model config it implies (or `--init`'s), sequence and batch sizes,
         the samplers, and the shards checked; returns the data's meta.json."""
         run, cfg = self.run, self.cfg
-        meta = load_meta(self.data_dir)
+        meta = load_meta(self.data_dir, (TOKENS_FORMAT, chat_data.FORMAT))
         self.tokenizer = Tokenizer.from_file(self.data_dir / "tokenizer.json")
         if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise KimbhoError(
@@ -105,11 +120,16 @@ class Trainer:
         self.init = self._load_init(init_from, explicit_keys) if init_from is not None else None
         if self.init is None:
             self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
-        self.seq_len = cfg.seq_len or run.model.max_seq_len
+        self.seq_len = cfg.seq_len or meta.get("seq_len") or run.model.max_seq_len
         if self.seq_len > run.model.max_seq_len:
             raise KimbhoError(
                 f"train.seq_len={self.seq_len} is longer than model.max_seq_len={run.model.max_seq_len}; "
                 f"lower train.seq_len or raise model.max_seq_len"
+            )
+        if meta.get("seq_len", self.seq_len) != self.seq_len:
+            raise KimbhoError(
+                f"{self.data_dir} holds rows of {meta['seq_len']} tokens, not train.seq_len={self.seq_len}; "
+                f"drop train.seq_len or prepare the data at that length"
             )
         cfg.seq_len = self.seq_len
         self.rows, self.micro_batch = distributed.split_batch(
@@ -117,16 +137,48 @@ class Trainer:
         )
         self.accum_steps = self.rows // self.micro_batch
         self.dtype = pick_precision(cfg.precision, self.device)
-        self.train_data = RandomWindowSampler(
-            TokenStream(self.data_dir, "train"), self.seq_len, cfg.batch_size, cfg.seed
-        )
-        self.val_stream = TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
-        if self.world.is_main and cfg.verify_data != "false":
-            for stream in (self.train_data.stream, self.val_stream):
-                if stream is not None:  # before the run directory exists
-                    check_hash = cfg.verify_data == "true" or stream.nbytes < VERIFY_HASH_BELOW
-                    stream.verify(meta["vocab_size"], check_hash)
+        check = self.world.is_main and cfg.verify_data != "false"  # before the run directory exists
+        if meta["format"] == chat_data.FORMAT:
+            self._set_up_chat_data(meta, check)
+        else:
+            self._set_up_token_data(meta, check)
         return meta
+
+    def _set_up_token_data(self, meta: dict[str, Any], check: bool) -> None:
+        """Pretraining: random windows of the token shards; validation on consecutive windows."""
+        train = RandomWindowSampler(
+            TokenStream(self.data_dir, "train"), self.seq_len, self.cfg.batch_size, self.cfg.seed
+        )
+        self.train_data: RandomWindowSampler | chat_data.PackedSampler = train
+        val = TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
+        for stream in (train.stream, val):
+            if check and stream is not None:
+                check_hash = self.cfg.verify_data == "true" or stream.nbytes < VERIFY_HASH_BELOW
+                stream.verify(meta["vocab_size"], check_hash)
+
+        def batches() -> Iterator[Batch]:
+            assert val is not None
+            windows = eval_windows(val.window, len(val), self.seq_len, self.cfg.eval_tokens)
+            return window_batches(windows, self.micro_batch)
+
+        self.val_batches: Callable[[], Iterator[Batch]] | None = batches if val is not None else None
+
+    def _set_up_chat_data(self, meta: dict[str, Any], check: bool) -> None:
+        """Fine-tuning: packed conversations in a fresh order each epoch; validation on the
+        held-out conversations' replies."""
+        rows = {split: chat_data.load_rows(self.data_dir, split, meta) for split in ("train", "val")}
+        if check:
+            for split, array in rows.items():
+                info = meta["splits"][split]
+                check_hash = self.cfg.verify_data == "true" or array.nbytes < VERIFY_HASH_BELOW
+                chat_data.verify_rows(
+                    array, self.data_dir / f"{split}.npy", meta["vocab_size"], info["sha256"], check_hash
+                )
+        self.train_data = chat_data.PackedSampler(rows["train"], self.cfg.batch_size, self.cfg.seed)
+        val = rows["val"]
+        self.val_batches = (
+            (lambda: chat_data.val_batches(val, self.micro_batch, self.cfg.eval_tokens)) if len(val) else None
+        )
 
     def _set_up_model(self) -> None:
         """The model (the same initial weights on every process, or `--init`'s), wrapped for the
@@ -290,14 +342,18 @@ class Trainer:
         lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = self.train_data.batch(step, self.world.rows(self.cfg.batch_size))
+        batch = self.train_data.batch(step, self.world.rows(self.cfg.batch_size))
+        # The loss is the mean over every target of the global batch: each micro-step's sum over
+        # the number of them, so accumulation and process count do not change the update (and
+        # fine-tuning's rows, which hold different numbers of targets, each count per target).
+        # Times the process count, which DDP and FSDP average gradients over.
+        scale = self.world.size / max(1, self.train_data.num_targets(step))
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum_steps):
             rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
-            x, y = inputs[rows].to(self.device), targets[rows].to(self.device)
             with distributed.gradient_sync(self.train_model, enabled=micro == self.accum_steps - 1):
                 with autocast(self.device, self.dtype):
-                    loss = self.train_model(x, targets=y) / self.accum_steps
+                    loss = batch.rows(rows).to(self.device).loss(self.train_model, reduction="sum") * scale
                 loss.backward()
             total += loss.detach()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
@@ -316,16 +372,12 @@ class Trainer:
         return flops / peak_flops(self.device, self.dtype)
 
     def evaluate(self) -> dict[str, float | int] | None:
-        """Validation loss, perplexity and bits per byte on a fixed set of windows. Every process
-        evaluates all of them (FSDP needs all processes in each forward pass)."""
-        if self.val_stream is None:
+        """Validation loss, perplexity and bits per byte on a fixed set of rows (fine-tuning: on
+        the replies of the held-out conversations). Every process evaluates all of them (FSDP
+        needs all processes in each forward pass)."""
+        if self.val_batches is None:
             return None
-        windows = eval_windows(
-            self.val_stream.window, len(self.val_stream), self.seq_len, self.cfg.eval_tokens
-        )
-        return summarize(
-            *sum_loss(self.model, windows, self.tokenizer, batch_size=self.micro_batch, dtype=self.dtype)
-        )
+        return summarize(*sum_loss(self.model, self.val_batches(), self.tokenizer, dtype=self.dtype))
 
     def sample_text(self) -> str:
         """A short continuation of the end-of-text token: what the model writes unprompted."""
@@ -362,7 +414,14 @@ class Trainer:
         with self.world.together():
             if self.world.is_main:
                 checkpoint.save_checkpoint(
-                    self.out, self.progress.step, weights, state, self.run, self.tokenizer, self.cfg.keep_last
+                    self.out,
+                    self.progress.step,
+                    weights,
+                    state,
+                    self.run,
+                    self.tokenizer,
+                    self.cfg.keep_last,
+                    chat_template=self.chat_template,
                 )
         return self.out / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(self.progress.step)
 
@@ -384,6 +443,7 @@ class Trainer:
                     self.tokenizer,
                     self.cfg.keep_last,
                     name=checkpoint.BEST,
+                    chat_template=self.chat_template,
                     val_loss=val_loss,
                 )
 
