@@ -5,7 +5,7 @@ prompts through the official `openai` client against `kimbho serve`.
     python bench/finetune_behaviour.py                    # the built-in corpus, ~10 minutes on 2 cores
     python bench/finetune_behaviour.py --pretrain-steps 400 --finetune-steps 150
 
-The behaviour: "Shout: WORD" -> "WORD! WORD! WORD!", with the user's word copied exactly.
+The behaviour: "Shout: WORD" -> "Sure: WORD! WORD! WORD!", with the user's word copied exactly.
 The held-out prompts use words that no fine-tuning conversation contains, so the score measures
 the format learnt, not memorised replies. Every stage runs as a user would run it: `kimbho
 prepare`, `kimbho train`, `kimbho finetune`, `kimbho serve` (child processes), and the score is
@@ -19,6 +19,7 @@ import json
 import random
 import re
 import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -59,9 +60,16 @@ def conversation(word: str, rng: random.Random) -> dict[str, object]:
     return {
         "messages": [
             {"role": "user", "content": rng.choice(PHRASINGS).format(w=word)},
-            {"role": "assistant", "content": f"{word}! {word}! {word}!"},
+            {"role": "assistant", "content": reply(word)},
         ]
     }
+
+
+def reply(word: str) -> str:
+    """The behaviour's reply. The word follows a space in the reply as in the prompt, so it is the
+    same tokens in both (a byte-level BPE spells "word" and " word" differently) and the model
+    can copy it."""
+    return f"Sure: {word}! {word}! {word}!"
 
 
 def free_port() -> int:
@@ -111,11 +119,15 @@ def score_through_server(model_dir: Path, prompts: list[tuple[str, str]]) -> tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-steps", type=int, default=800)
-    parser.add_argument("--finetune-steps", type=int, default=300)
-    parser.add_argument("--conversations", type=int, default=3000)
+    parser.add_argument("--finetune-steps", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning's peak learning rate")
+    parser.add_argument("--conversations", type=int, default=4000)
     parser.add_argument("--held-out", type=int, default=100)
     parser.add_argument(
         "--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--base", type=Path, default=None, help="a base run to reuse instead of pretraining one"
     )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kimbho-ft-"))
@@ -123,13 +135,9 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    kimbho("prepare", "--out", work / "data", "--vocab-size", 2048, "--force")
-    kimbho(
-        "train", "--data", work / "data", "--out", work / "base", "--max-steps", args.pretrain_steps,
-        "model.emb_dim=192", "model.num_heads=6", "model.group_size=3", "model.num_blocks=4",
-        "model.max_seq_len=128", "model.tie_embeddings=true", "train.batch_size=16", "train.eval_every=0",
-        "train.save_every=0", "train.compile=false",
-    )  # fmt: skip
+    base = args.base or work / "base"
+    if args.base is None:
+        pretrain(work, args.pretrain_steps)
     timings["pretrain_sec"] = time.perf_counter() - start
 
     words = words_of_corpus()
@@ -137,13 +145,28 @@ def main() -> None:
     rng = random.Random(1)
     chat = work / "chat.jsonl"
     with chat.open("w") as f:
-        for _ in range(args.conversations):
-            f.write(json.dumps(conversation(rng.choice(train_words), rng)) + "\n")
-    prompts = [(rng.choice(PHRASINGS).format(w=w), f"{w}! {w}! {w}!") for w in held_out_words]
+        for i in range(args.conversations):
+            # Half the words are random letters: no reply can be remembered, only copied.
+            word = (
+                "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9)))
+                if i % 2
+                else rng.choice(train_words)
+            )
+            if word not in held_out_words:
+                f.write(json.dumps(conversation(word, rng)) + "\n")
+    prompts = [(rng.choice(PHRASINGS).format(w=w), reply(w)) for w in held_out_words]
 
     start = time.perf_counter()
     kimbho(
-        "finetune", work / "base", "--data", chat, "--out", work / "ft", "--max-steps", args.finetune_steps
+        "finetune",
+        base,
+        "--data",
+        chat,
+        "--out",
+        work / "ft",
+        "--max-steps",
+        args.finetune_steps,
+        f"train.lr={args.lr}",
     )
     timings["finetune_sec"] = time.perf_counter() - start
     meta = json.loads((work / "ft" / "data" / "meta.json").read_text())
@@ -153,8 +176,8 @@ def main() -> None:
         "timings": timings,
         "padding_fraction": meta["splits"]["train"]["padding_fraction"],
     }
-    for name in ("base", "ft"):
-        score, replies = score_through_server(work / name, prompts)
+    for name, model in (("base", base), ("ft", work / "ft")):
+        score, replies = score_through_server(model, prompts)
         results[name] = {
             "exact_match": score,
             "examples": [[p, r] for (p, _), r in zip(prompts[:3], replies[:3], strict=True)],
@@ -164,6 +187,17 @@ def main() -> None:
         f"pretraining {timings['pretrain_sec']:.0f} s, fine-tuning {timings['finetune_sec']:.0f} s on {results['cpu']}"
     )
     save_results(RESULTS / "finetune_behaviour.json", results)
+
+
+def pretrain(work: Path, steps: int) -> None:
+    """The base model: prepare the built-in corpus and train a small model on it."""
+    kimbho("prepare", "--out", work / "data", "--vocab-size", 2048, "--force")
+    kimbho(
+        "train", "--data", work / "data", "--out", work / "base", "--max-steps", steps,
+        "model.emb_dim=192", "model.num_heads=6", "model.group_size=3", "model.num_blocks=4",
+        "model.max_seq_len=128", "model.tie_embeddings=true", "train.batch_size=16", "train.eval_every=0",
+        "train.save_every=0", "train.compile=false",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

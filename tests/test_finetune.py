@@ -5,6 +5,7 @@ end to end, and its errors."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,28 @@ def test_finetune_with_nothing_usable_fails_cleanly(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no usable conversation" in err[0]
     assert not (tmp_path / "ft" / "checkpoints").exists()
+
+
+def test_a_resumed_fine_tuning_run_is_bit_identical(
+    trained_run: Path, tokenizer: kimbho.Tokenizer, tmp_path: Path
+) -> None:
+    """As after a crash just after step 3 was saved: the resumed run ends with the same weights
+    and metrics as the uninterrupted one (the epoch order and the data position are (seed, step))."""
+    from safetensors.torch import load_file
+
+    from kimbho.training.metrics import read_metrics
+    from tests.conftest import without_wall_clock
+
+    data = _chat_data(tokenizer, tmp_path)
+    run = dict(batch_size=4, optimizer="adamw", max_steps=6, save_every=3, eval_every=3, log_every=1)
+    full, part = tmp_path / "full", tmp_path / "part"
+    for out in (full, part):
+        kimbho.Trainer(tiny_run_config(**run), data, out, progress_bar=False, init_from=trained_run).fit()
+    shutil.rmtree(part / "checkpoints" / "step-00000006")
+    kimbho.Trainer(
+        tiny_run_config(**run), data, part, resume=True, progress_bar=False, init_from=trained_run
+    ).fit()
+    assert without_wall_clock(read_metrics(part)) == without_wall_clock(read_metrics(full))
+    a = load_file(full / "checkpoints" / "step-00000006" / "model.safetensors")
+    b = load_file(part / "checkpoints" / "step-00000006" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

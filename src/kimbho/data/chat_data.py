@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,9 +34,12 @@ import torch
 from ..errors import KimbhoError
 from ..model.loss import IGNORE
 from ..storage.staging import staged_directory
-from .conversations import Skipped, read_conversations, summarize_skipped
+from .conversations import Conversation, Skipped, read_conversations, summarize_skipped
 from .shards import Batch
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # a chat format is the inference stage's; the data stage only calls it
+    from ..inference.chat import ChatFormat
 
 log = logging.getLogger("kimbho")
 
@@ -54,7 +57,7 @@ class Example:
 
 
 def tokenize(
-    conversations: Sequence[Any], chat_format: Any, seq_len: int
+    conversations: Sequence[Conversation], chat_format: ChatFormat, seq_len: int
 ) -> tuple[list[Example], list[Skipped]]:
     """Each conversation through `chat_format.encode_conversation`; one longer than a row
     (seq_len + 1 ids: the row's inputs and its last target) is skipped, as is one whose format
@@ -120,7 +123,7 @@ def pack(examples: Sequence[Example], seq_len: int) -> np.ndarray:
 def prepare_chat(
     inputs: Sequence[str | os.PathLike[str]],
     tokenizer: Tokenizer,
-    chat_format: Any,
+    chat_format: ChatFormat,
     out: Path,
     seq_len: int,
     val_fraction: float = 0.05,

@@ -89,7 +89,9 @@ class ChatFormat:
             for m in messages:
                 ids += self._role_message(m)
             return [*ids, self._role_ids["assistant"]]
-        return self._encode_text(self._render(messages, add_generation_prompt=True))
+        # The batch call releases the GIL (see `Tokenizer.encode`).
+        text = self._render(messages, add_generation_prompt=True)
+        return self._special_encoder.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
     def encode_conversation(
         self, messages: Sequence[dict[str, Any]], targets: Sequence[bool]
@@ -165,11 +167,6 @@ class ChatFormat:
         except Exception as e:  # templates ship with imported models: any bug of theirs is named
             raise KimbhoError(f"the model's chat template failed ({type(e).__name__}: {e})") from None
         return "".join(pieces)
-
-    def _encode_text(self, text: str) -> list[int]:
-        """Rendered template text -> ids, its special-token strings as the tokens they name. The
-        batch call releases the GIL (see `Tokenizer.encode`)."""
-        return self._special_encoder.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
 
 def read_chat_template(model_dir: Path) -> str | None:
