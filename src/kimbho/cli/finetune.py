@@ -100,10 +100,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _check_same_inputs(data_dir: Path, inputs: list[str]) -> dict:
     """A resumed run trains on the data it began with: the files must be those it was prepared from."""
-    from ..data.chat_data import file_sha256
+    from ..storage.files import sha256_of_file
 
     meta = json.loads((data_dir / "meta.json").read_text())
-    given = [{"path": str(p), "sha256": file_sha256(Path(p)) if Path(p).is_file() else None} for p in inputs]
+    given = [
+        {"path": str(p), "sha256": sha256_of_file(Path(p)) if Path(p).is_file() else None} for p in inputs
+    ]
     if [g["sha256"] for g in given] != [m["sha256"] for m in meta["inputs"]]:
         raise KimbhoError(
             f"--data differs from the files this run was prepared from ({', '.join(m['path'] for m in meta['inputs'])}); "

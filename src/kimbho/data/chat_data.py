@@ -33,6 +33,7 @@ import torch
 
 from ..errors import KimbhoError
 from ..model.loss import IGNORE
+from ..storage.files import sha256_of_file
 from ..storage.staging import staged_directory
 from .conversations import Conversation, Skipped, read_conversations, summarize_skipped
 from .shards import Batch
@@ -158,7 +159,7 @@ def prepare_chat(
         "tokenizer_sha256": tokenizer.sha256,
         "vocab_size": tokenizer.vocab_size,
         "seq_len": seq_len,
-        "inputs": [{"path": str(p), "sha256": file_sha256(Path(p))} for p in inputs],
+        "inputs": [{"path": str(p), "sha256": sha256_of_file(Path(p))} for p in inputs],
         "skipped": len(skipped),
         "splits": {},
     }
@@ -255,11 +256,3 @@ def _split_info(rows: np.ndarray, members: Sequence[Example]) -> dict[str, Any]:
         "padding_fraction": 1 - tokens / positions if positions else 0.0,
         "sha256": hashlib.sha256(np.ascontiguousarray(rows).data).hexdigest(),
     }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

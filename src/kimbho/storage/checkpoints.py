@@ -22,7 +22,6 @@ leftovers are removed on the next start.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from ..config import KimbhoConfig, RunConfig
 from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
-from .files import read_mapping
+from .files import read_mapping, sha256_of_file
 
 log = logging.getLogger("kimbho")
 
@@ -107,7 +106,7 @@ def save_checkpoint(
             with open(tmp / writing, "wb") as f:
                 torch.save(trainer_state, f)
         writing = "manifest.json"
-        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        files = {f.name: sha256_of_file(f) for f in sorted(tmp.iterdir())}
         (tmp / writing).write_text(json.dumps({"step": step, **manifest_extra, "files": files}, indent=2))
         writing = ""
         for written in tmp.iterdir():
@@ -217,7 +216,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
             )
         if not path.is_file():
             raise CorruptCheckpoint(f"checkpoint file {path} is missing")
-        if _sha256(path) != digest:
+        if sha256_of_file(path) != digest:
             raise CorruptCheckpoint(
                 f"checkpoint file {path} is corrupt (its SHA-256 does not match manifest.json)"
             )
@@ -288,14 +287,6 @@ def _reason(e: BaseException) -> str:
         return cause.strerror
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # some libraries colour their messages
     return text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

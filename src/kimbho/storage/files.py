@@ -1,8 +1,9 @@
 """Reading the small JSON and YAML files of model directories, checkpoints and runs: one reader,
-one set of errors."""
+one set of errors; and the SHA-256 of a file, which manifests and fine-tuning data record."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,3 +27,12 @@ def read_mapping(path: Path, error: type[KimbhoError] = KimbhoError) -> dict[str
     if not isinstance(value, dict):
         raise error(f"{path} does not hold a {kind} {'object' if kind == 'JSON' else 'mapping'}")
     return value
+
+
+def sha256_of_file(path: Path) -> str:
+    """The file's SHA-256, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
