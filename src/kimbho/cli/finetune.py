@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 from ..errors import KimbhoError
 
@@ -98,11 +98,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_same_inputs(data_dir: Path, inputs: list[str]) -> dict:
+def _check_same_inputs(data_dir: Path, inputs: list[str]) -> dict[str, Any]:
     """A resumed run trains on the data it began with: the files must be those it was prepared from."""
+    from ..data.chat_data import FORMAT
+    from ..data.shards import load_meta
     from ..storage.files import sha256_of_file
 
-    meta = json.loads((data_dir / "meta.json").read_text())
+    meta = load_meta(data_dir, (FORMAT,))
     given = [
         {"path": str(p), "sha256": sha256_of_file(Path(p)) if Path(p).is_file() else None} for p in inputs
     ]

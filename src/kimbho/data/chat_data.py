@@ -18,6 +18,7 @@ split. Attention stays within a conversation and positions restart for each (see
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import logging
@@ -212,9 +213,12 @@ class PackedSampler:
         epochs, within = np.divmod(flat, len(self.rows))
         out = np.empty_like(flat)
         for epoch in np.unique(epochs):
-            order = np.random.default_rng([self.seed, int(epoch)]).permutation(len(self.rows))
-            out[epochs == epoch] = order[within[epochs == epoch]]
+            out[epochs == epoch] = self._order(int(epoch))[within[epochs == epoch]]
         return out
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (one sampler per run): batch and num_targets share an epoch's order
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
 
     def batch(self, step: int, rows: slice = slice(None)) -> Batch:
         return to_batch(self.rows[np.sort(self.indices(step)[rows])])

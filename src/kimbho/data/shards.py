@@ -16,6 +16,7 @@ The directory appears complete or not at all: it is written under a temporary na
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -75,15 +76,13 @@ def window_batches(windows: Iterable[torch.Tensor], batch_size: int) -> Iterator
     """Windows of ids (each predicting all but its first token) as batches of up to `batch_size`
     windows of equal length."""
     pending: list[torch.Tensor] = []
-    for window in windows:
-        if pending and (len(pending) == batch_size or len(window) != len(pending[0])):
+    for window in itertools.chain(windows, [None]):  # None: the end, which flushes the last batch
+        if pending and (window is None or len(pending) == batch_size or len(window) != len(pending[0])):
             chunk = torch.stack(pending)
             yield Batch(chunk[:, :-1], chunk[:, 1:])
             pending = []
-        pending.append(window)
-    if pending:
-        chunk = torch.stack(pending)
-        yield Batch(chunk[:, :-1], chunk[:, 1:])
+        if window is not None:
+            pending.append(window)
 
 
 # --- reading prepared data -------------------------------------------------------------------
