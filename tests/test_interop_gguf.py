@@ -14,6 +14,7 @@ import torch
 import kimbho
 from kimbho.config import KimbhoConfig
 from kimbho.errors import KimbhoError
+from kimbho.inference.chat import ChatFormat
 from kimbho.interop.gguf import _FUSED, _RENAMES, export_gguf, interleave_rope
 from kimbho.interop.keymap import expand_layers
 from kimbho.model.transformer import apply_rope, rope_tables
@@ -238,6 +239,24 @@ def test_llama_cpp_tokenizes_and_continues_like_kimbho(trained_run: Path, tmp_pa
     report = llama_cpp_parity(llm, model, tokenizer, "The assert statement is", 32)
     assert report["greedy_match"] == 32, report
     assert report["max_logit_diff"] < 1e-4, report
+    # llama.cpp's chat completion formats with the file's template, as Kimbho prompts.
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    assert llm.chat_format == "chat_template.default"
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], "<|endoftext|>", "<|endoftext|>")
+    messages = [{"role": "user", "content": "What does assert do?"}, {"role": "assistant", "content": " It checks."},
+                {"role": "user", "content": "And del?"}]  # fmt: skip
+    prompt = formatter(messages=messages).prompt
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ChatFormat(tokenizer).encode(
+        messages
+    )
+
+
+def test_the_file_carries_the_models_chat_template(trained_run: Path, tmp_path: Path) -> None:
+    _, tokenizer = kimbho.load(trained_run)
+    assert run_cli("export", "gguf", trained_run, tmp_path / "m.gguf") == 0
+    fields, _ = _read(tmp_path / "m.gguf")
+    assert fields["tokenizer.chat_template"] == ChatFormat(tokenizer).jinja
 
 
 def llama_cpp_parity(

@@ -105,16 +105,38 @@ def test_auto_tokenizer_encodes_and_decodes_exactly_as_kimbho(exported: Path, tr
     auto = transformers.AutoTokenizer.from_pretrained(exported)
     for text in TRICKY:
         ids = tokenizer.encode(text)
-        assert auto.encode(text) == ids, text
-        assert auto(text)["input_ids"] == ids, text
+        # Kimbho never turns special-token text in a string into a special id; transformers
+        # does (a chat template's role markers are such text) unless asked not to.
+        assert auto(text, split_special_tokens=True)["input_ids"] == ids, text
+        if "<|" not in text:
+            assert auto.encode(text) == ids, text
         assert auto.decode(ids) == tokenizer.decode(ids) == text
-    # Special-token text is never turned into a special id, by either side.
-    assert tokenizer.eot_id not in auto.encode("<|endoftext|>")
+    assert auto.encode("<|endoftext|>") == [tokenizer.eot_id]
     assert (auto.eos_token_id, auto.bos_token_id, auto.pad_token_id) == (
         tokenizer.eot_id,
         tokenizer.eot_id,
         tokenizer.pad_id,
     )
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What does  assert do?\n"},
+    {"role": "assistant", "content": " It checks a condition."},
+    {"role": "user", "content": "And del?"},
+]
+
+
+def test_apply_chat_template_gives_the_ids_kimbho_prompts_with(exported: Path, trained_run: Path) -> None:
+    from kimbho.inference.chat import ChatFormat
+
+    _, tokenizer = kimbho.load(trained_run)
+    auto = transformers.AutoTokenizer.from_pretrained(exported)
+    for messages in (CONVERSATION, CONVERSATION[1:2]):
+        ids = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert list(ids) == ChatFormat(tokenizer).encode(messages)
+    with pytest.raises(Exception, match="role tool is not one of"):
+        auto.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
 @pytest.mark.parametrize("tie", [False, True])

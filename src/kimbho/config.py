@@ -309,27 +309,59 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (`model/lora.py`): `rank` 0 trains every weight; above 0 only adapters
+    of that rank on the attention and MLP projections, over a frozen base."""
+
+    rank: int = field(
+        default=0,
+        metadata=_doc(
+            "0: full fine-tuning; R > 0: LoRA adapters of rank R on every attention and MLP projection"
+        ),
+    )
+    alpha: float = field(default=16.0, metadata=_doc("LoRA scale numerator (scale = alpha / rank)"))
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise KimbhoError(f"lora.rank must be 0 (off) or positive, got {self.rank}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise KimbhoError(f"lora.alpha must be a positive number, got {self.alpha}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
 class RunConfig:
-    """A whole training run: the model and how to train it."""
+    """A whole training run: the model, how to train it, and (fine-tuning) its adapters."""
 
     model: KimbhoConfig = field(default_factory=KimbhoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+        values = {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+        # Only a LoRA run records the section, so full runs' run.yaml reads as before.
+        return {**values, "lora": dataclasses.asdict(self.lora)} if self.lora.rank else values
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        unknown = set(values) - {"model", "train"}
+        unknown = set(values) - set(SECTIONS)
         if unknown:
-            raise KimbhoError(f"unknown config section(s) {sorted(unknown)}; use 'model' and 'train'")
+            raise KimbhoError(f"unknown config section(s) {sorted(unknown)}; use {', '.join(SECTIONS)}")
         return cls(
             model=KimbhoConfig.from_dict(values.get("model") or {}),
             train=TrainConfig(**_checked_fields(TrainConfig, values.get("train") or {}, "train")),
+            lora=LoraConfig(**_checked_fields(LoraConfig, values.get("lora") or {}, "lora")),
         )
+
+
+# Config file sections and the `section.key=value` prefixes, with the class of each.
+SECTIONS: dict[str, type] = {"model": KimbhoConfig, "train": TrainConfig, "lora": LoraConfig}
 
 
 def resolve_run_config(
@@ -338,7 +370,7 @@ def resolve_run_config(
     """Build the run config from (in increasing priority) defaults, a preset, a YAML file and
     `key=value` overrides. Returns it with the set of keys the user set explicitly (the trainer
     lets the data's tokenizer decide `model.vocab_size` unless the user set it)."""
-    values: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     explicit: set[str] = set()
     if preset is not None:
         if preset not in PRESETS:
@@ -349,7 +381,7 @@ def resolve_run_config(
         for section, entries in loaded.items():
             if section not in values or not isinstance(entries, dict):
                 raise KimbhoError(
-                    f"{config_file}: top-level keys must be 'model' and 'train' mappings, got {section!r}"
+                    f"{config_file}: top-level keys must be mappings named {', '.join(SECTIONS)}, got {section!r}"
                 )
             for key, value in entries.items():
                 values[section][key] = value
@@ -367,10 +399,9 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         raise KimbhoError(f"expected key=value (for example train.lr=3e-4), got {item!r}")
     key, raw = item.split("=", 1)
     section, _, name = key.strip().partition(".")
-    classes = {"model": KimbhoConfig, "train": TrainConfig}
-    if section not in classes or not name:
-        raise KimbhoError(f"config key {key!r} must start with 'model.' or 'train.'")
-    fields = {f.name: f for f in dataclasses.fields(classes[section])}
+    if section not in SECTIONS or not name:
+        raise KimbhoError(f"config key {key!r} must start with {', '.join(s + '.' for s in SECTIONS)}")
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
     if name not in fields:
         raise KimbhoError(f"unknown config key {key!r}; {section} keys are: {', '.join(fields)}")
     return section, name, _coerce(raw, fields[name], key)
@@ -379,7 +410,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 def config_help() -> str:
     """Every config key with its default and meaning, for `kimbho train --help`."""
     lines = []
-    for section, cls in (("model", KimbhoConfig), ("train", TrainConfig)):
+    for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             lines.append(f"  {section}.{f.name:<18} {f.metadata.get('help', '')} (default: {default})")
@@ -401,7 +432,7 @@ def _checked_fields(cls: type, values: dict[str, Any], section: str) -> dict[str
 def _coerce(raw: Any, f: dataclasses.Field, key: str) -> Any:
     """Type a YAML/CLI value by its dataclass field, so `train.lr=1e-3` and `max_steps: 1e3` work."""
     value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-    hint = typing.get_type_hints(TrainConfig if key.startswith("train") else KimbhoConfig)[f.name]
+    hint = typing.get_type_hints(SECTIONS[key.partition(".")[0]])[f.name]
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
         hint
     )
@@ -441,5 +472,5 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise KimbhoError(f"config file {path} must hold a mapping with 'model' and/or 'train' sections")
+        raise KimbhoError(f"config file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
     return loaded

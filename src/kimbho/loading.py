@@ -4,10 +4,12 @@ large is built."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -18,6 +20,7 @@ from .device import pick_device, pick_inference_dtype
 from .errors import KimbhoError
 from .model import KimbhoV1Model
 from .storage.checkpoints import (
+    ADAPTER_CONFIG,
     CorruptCheckpoint,
     _reason,
     list_checkpoints,
@@ -25,7 +28,7 @@ from .storage.checkpoints import (
     read_weights,
     verify,
 )
-from .storage.files import read_mapping
+from .storage.files import read_mapping, sha256_of_file
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # HF's and Kimbho's names
 
@@ -52,11 +55,14 @@ def load(
     """`(model, tokenizer)` from a run directory, a checkpoint directory or a local Hugging Face
     Llama directory, in eval mode. `device` is `auto|cpu|cuda|cuda:N|mps` (or a torch.device);
     `dtype` is the weights' precision, `auto|fp32|bf16` (see `device.pick_inference_dtype`:
-    auto keeps the stored precision where the device computes in it natively)."""
+    auto keeps the stored precision where the device computes in it natively). A LoRA run loads
+    as its base with the adapters merged in, once the base is checked to be the one they adapt."""
     target = device if isinstance(device, torch.device) else pick_device(device)
     ckpt = resolve_checkpoint(path)
     config_values = read_mapping(ckpt / "config.json", CorruptCheckpoint)
-    if config_values.get("format") != "kimbho":
+    if (ckpt / ADAPTER_CONFIG).is_file():
+        model, tokenizer, stored = _load_adapted(ckpt)
+    elif config_values.get("format") != "kimbho":
         from .interop.hf import load_hf_directory, weight_files
 
         model, tokenizer = load_hf_directory(ckpt)
@@ -82,6 +88,67 @@ def load(
     for param in model.parameters():  # parameters only: the rotary tables stay fp32
         param.data = param.data.to(weights_dtype)
     return model.eval(), tokenizer
+
+
+def _load_adapted(ckpt: Path) -> tuple[KimbhoV1Model, Tokenizer, torch.dtype]:
+    """A LoRA checkpoint: its base, checked, with the adapters merged in."""
+    from .model import lora
+
+    verify(ckpt)
+    adapter = read_adapter_config(ckpt)
+    base_path = adapter["base"]["path"]
+    check_base(ckpt, adapter["base"], base_identity(base_path) if Path(base_path).exists() else None)
+    model, tokenizer = load(base_path, dtype="fp32")
+    lora.add_adapters(model, adapter["rank"], adapter["alpha"])
+    model.load_state_dict(read_weights(ckpt, model), strict=False)  # the base's tensors are loaded
+    lora.merge_adapters(model)
+    return model, tokenizer, torch.float32
+
+
+def read_adapter_config(ckpt: Path) -> dict[str, Any]:
+    """A LoRA checkpoint's adapter.json: rank, alpha and the base's identity."""
+    path = ckpt / ADAPTER_CONFIG
+    values = read_mapping(path, CorruptCheckpoint)
+    base = values.get("base")
+    if not (
+        isinstance(values.get("rank"), int)
+        and isinstance(values.get("alpha"), (int, float))
+        and isinstance(base, dict)
+        and {"path", "sha256"} <= set(base)
+    ):
+        raise CorruptCheckpoint(f"{path} does not hold a LoRA rank, alpha and base")
+    return values
+
+
+def base_identity(path: str | os.PathLike[str]) -> dict[str, str]:
+    """What a LoRA run records of the model it adapts: the checkpoint directory it resolves to
+    and the SHA-256 of its weights (of each weight file, hashed together, for a sharded one)."""
+    ckpt = resolve_checkpoint(path).resolve()
+    if (ckpt / ADAPTER_CONFIG).is_file():
+        raise KimbhoError(f"{path} is itself a LoRA run; export it merged (kimbho export hf) and adapt that")
+    files = sorted(
+        f for f in ckpt.iterdir() if f.suffix == ".safetensors" and not f.name.startswith("adapter")
+    )
+    if not files:
+        raise KimbhoError(f"{ckpt} holds no .safetensors weights to adapt")
+    digests = [sha256_of_file(f) for f in files]
+    combined = digests[0] if len(files) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
+    return {"path": str(ckpt), "sha256": combined}
+
+
+def check_base(adapted: Path, recorded: dict[str, str], found: dict[str, str] | None) -> None:
+    """Refuse adapters over a base other than theirs, naming both."""
+    if found is None:
+        raise KimbhoError(
+            f"{adapted} holds LoRA adapters of {recorded['path']}, which no longer exists; "
+            f"put that base back, or load a merged export (kimbho export hf)"
+        )
+    if found["sha256"] != recorded["sha256"]:
+        raise KimbhoError(
+            f"{adapted} holds LoRA adapters of {recorded['path']} (weights sha256 {recorded['sha256'][:12]}...), "
+            f"but {found['path']} now has weights sha256 {found['sha256'][:12]}...: a different base; "
+            f"adapters only fit the base they were trained on"
+        )
 
 
 def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:

@@ -26,6 +26,8 @@ FINETUNE_DEFAULTS = (
     "train.save_every=200",
     "train.sample_tokens=0",
 )
+# LoRA's updates are rank-limited and start from zero: it takes larger steps than full fine-tuning.
+LORA_DEFAULTS = ("train.lr=1e-3",)
 EPOCHS = 3  # passes over the conversations when train.max_steps is not given
 
 
@@ -37,11 +39,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..storage.checkpoints import list_checkpoints
     from ..training.trainer import Trainer
 
-    user = list(args.overrides) + (
-        [f"train.max_steps={args.max_steps}"] if args.max_steps is not None else []
-    )
-    _, explicit = resolve_run_config(args.config, None, user)
-    run, _ = resolve_run_config(args.config, None, [*FINETUNE_DEFAULTS, *user])
+    flags = {"train.max_steps": args.max_steps, "lora.rank": args.lora_rank, "lora.alpha": args.lora_alpha}
+    user = list(args.overrides) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    given, explicit = resolve_run_config(args.config, None, user)
+    defaults = [*FINETUNE_DEFAULTS, *(LORA_DEFAULTS if given.lora.rank else ())]
+    run, _ = resolve_run_config(args.config, None, [*defaults, *user])
     out = Path(args.out)
     has_checkpoints = out.is_dir() and bool(list_checkpoints(out))
     if has_checkpoints and not args.resume:
@@ -78,8 +80,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         init_from=args.model,
         chat_template=chat.template,
     )
+    trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    what = (
+        f"LoRA adapters of rank {run.lora.rank} ({trained / 1e6:.2f}M parameters, {trained / total:.2%} of the model)"
+        if run.lora.rank
+        else f"{trained / 1e6:.2f}M parameters"
+    )
     log.info(
-        f"fine-tuning {trainer.model.num_params() / 1e6:.2f}M parameters on {trainer.device} "
+        f"fine-tuning {what} on {trainer.device} "
         f"({str(trainer.dtype).removeprefix('torch.')}), {trainer.cfg.max_steps} steps of "
         f"{trainer.cfg.batch_size} x {trainer.seq_len} tokens"
     )
@@ -125,6 +134,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="fine-tuning defaults: "
         + " ".join(FINETUNE_DEFAULTS)
+        + f"; with --lora-rank also {' '.join(LORA_DEFAULTS)}"
         + f"; train.max_steps: {EPOCHS} passes over the data\n\nconfig keys:\n"
         + config_help(),
     )
@@ -148,6 +158,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0.05,
         metavar="F",
         help="share of the conversations held out for validation (default 0.05)",
+    )
+    ft.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="train LoRA adapters of rank R over the frozen model instead of every weight (lora.rank)",
+    )
+    ft.add_argument(
+        "--lora-alpha", type=float, metavar="A", help="LoRA scale numerator (lora.alpha; scale = A / R)"
     )
     ft.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint in RUN_DIR"

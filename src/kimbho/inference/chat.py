@@ -67,6 +67,26 @@ class ChatFormat:
             found = {r: tokenizer.token_to_id(f"<|{r}|>") for r in ROLES}
             self._role_ids = {r: i for r, i in found.items() if i is not None}  # all of them: checked
 
+    @property
+    def jinja(self) -> str:
+        """The format as a Jinja chat template, for other runtimes (the Hugging Face and GGUF
+        exports): the model's own template, or one that renders the role-token format, which
+        the exported tokenizer encodes to the ids `encode` gives."""
+        if self.template is not None:
+            return self.template
+        assert self.tokenizer.eot_id is not None  # the role-token format has one: checked
+        eot = self.tokenizer.inner.id_to_token(self.tokenizer.eot_id)
+        quoted = ", ".join(f"'{r}'" for r in ROLES)
+        return (
+            "{%- for message in messages -%}"
+            f"{{%- if message['role'] not in [{quoted}] -%}}"
+            f"{{{{ raise_exception('role ' + message['role'] + ' is not one of {', '.join(ROLES)}') }}}}"
+            "{%- endif -%}"
+            f"<|{{{{ message['role'] }}}}|>{{{{ message['content'] }}}}{eot}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+        )
+
     @classmethod
     def for_model(cls, tokenizer: Tokenizer, model_dir: str | os.PathLike[str] | None) -> ChatFormat | None:
         """The model directory's chat template if it has one, else the default role-token format;

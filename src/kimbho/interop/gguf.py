@@ -79,11 +79,14 @@ def export_gguf(
     dtype: str = "f32",
     force: bool = False,
     name: str = "kimbho",
+    chat_template: str | None = None,
 ) -> Path:
     """Write `model` and `tokenizer` as one GGUF file that llama.cpp loads as a "llama" model.
     `dtype`: f32, f16 or q8_0 for the matrices (norm gains stay f32, as llama.cpp requires; a
-    matrix whose rows do not split into q8_0 blocks falls back to f16). The file appears complete
-    or not at all; an existing one is replaced only with `force`."""
+    matrix whose rows do not split into q8_0 blocks falls back to f16). `chat_template` (Jinja,
+    `ChatFormat.jinja`) becomes `tokenizer.chat_template`, which llama.cpp's chat endpoints
+    format conversations with. The file appears complete or not at all; an existing one is
+    replaced only with `force`."""
     import gguf
 
     if dtype not in DTYPES:
@@ -126,6 +129,8 @@ def export_gguf(
         # Kimbho's encode adds no special tokens; llama.cpp should not either.
         writer.add_add_bos_token(False)
         writer.add_add_eos_token(False)
+        if chat_template is not None:
+            writer.add_chat_template(chat_template)
         for gguf_name, tensor in to_gguf(state, config).items():
             data, raw_dtype = _encode(tensor.numpy(), dtype)
             writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)

@@ -12,8 +12,12 @@ An exported directory loads with nothing but `transformers` installed:
         config.json                     LlamaConfig (architectures: LlamaForCausalLM)
         model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
         tokenizer.json                  the model's own byte-level BPE, unchanged
-        tokenizer_config.json           special tokens; split_special_tokens: true (see below)
+        tokenizer_config.json           special tokens and the chat template the model was trained in
         generation_config.json          special ids and `kimbho generate`'s sampling defaults
+
+A LoRA run exports merged (its adapters folded into the base), or with `export_peft_adapter` as
+a PEFT adapter directory (adapter_config.json, adapter_model.safetensors) that
+`peft.PeftModel.from_pretrained` puts on the exported base.
 """
 
 from __future__ import annotations
@@ -206,11 +210,14 @@ def export_hf(
     out_dir: str | Path,
     force: bool = False,
     max_shard_bytes: int | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write `model` and `tokenizer` as a Hugging Face Llama directory that
     `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline.
-    Weights go in shards of at most `max_shard_bytes` (default 5GB) when they are larger. The
-    directory appears complete or not at all; an existing non-empty one needs `force`."""
+    Weights go in shards of at most `max_shard_bytes` (default 5GB) when they are larger.
+    `chat_template` (Jinja, see `ChatFormat.jinja`) makes `apply_chat_template` give the ids
+    Kimbho's chat format gives. The directory appears complete or not at all; an existing
+    non-empty one needs `force`."""
     config = model.config
     specials = special_tokens(tokenizer)
     ids = {f"{role}_token_id": token_id for role, (_, token_id) in specials.items()}
@@ -232,11 +239,64 @@ def export_hf(
                 **{f"{role}_token": text for role, (text, _) in specials.items()},
                 "add_bos_token": False,
                 "add_eos_token": False,
-                # Kimbho never turns special-token text inside a string into special ids (user
-                # data cannot forge a document boundary); this makes AutoTokenizer do the same.
-                "split_special_tokens": True,
                 "clean_up_tokenization_spaces": False,  # decode returns exactly the text
                 "model_max_length": config.max_seq_len,
+                **({"chat_template": chat_template} if chat_template is not None else {}),
+            },
+        )
+    return Path(out_dir)
+
+
+# The projections LoRA adapts, as PEFT names them (`target_modules`).
+PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def export_peft_adapter(
+    adapters: dict[str, torch.Tensor],
+    config: KimbhoConfig,
+    rank: int,
+    alpha: float,
+    base: str,
+    out_dir: str | Path,
+    force: bool = False,
+) -> Path:
+    """Write a LoRA run's adapters (`model/lora.py` names) as a PEFT adapter directory for the
+    Hugging Face export of its base (`base`: recorded as base_model_name_or_path). The stacked
+    parts of the fused projections become one adapter per Llama projection."""
+    from safetensors.torch import save_file
+
+    peft_state: dict[str, torch.Tensor] = {}
+    tables = [(n, (hf,)) for n, hf in expand_layers(_RENAMES, config)] + expand_layers(_FUSED, config)
+    for name, hf_names in tables:
+        prefix = name.removesuffix(".weight")
+        if f"{prefix}.lora_A" not in adapters:
+            continue  # embeddings, norms and head have none
+        a_parts = adapters[f"{prefix}.lora_A"].split(rank)
+        b_parts = (
+            split_fused(name, adapters[f"{prefix}.lora_B"], config)
+            if len(hf_names) > 1
+            else [adapters[f"{prefix}.lora_B"]]
+        )
+        for hf_name, a, b in zip(hf_names, a_parts, b_parts, strict=True):
+            module = "base_model.model." + hf_name.removesuffix(".weight")
+            peft_state[f"{module}.lora_A.weight"] = a.contiguous()
+            peft_state[f"{module}.lora_B.weight"] = b.contiguous()
+    with staged_directory(Path(out_dir), force) as tmp:
+        save_file(peft_state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        _write_json(
+            tmp / "adapter_config.json",
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base,
+                "r": rank,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.0,
+                "target_modules": list(PEFT_TARGETS),
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "inference_mode": True,
             },
         )
     return Path(out_dir)

@@ -3,6 +3,10 @@
     checkpoints/step-00000100/
         model.safetensors   weights of the bare model (no compile/DDP prefixes), whole even when
                             training sharded them over processes (FSDP)
+        (a LoRA run has instead)
+        adapter.safetensors the adapters alone (`model/lora.py`), and
+        adapter.json        their rank and alpha, and the base they adapt: its path and the
+                            SHA-256 of its weights, checked whenever the adapters are loaded
         config.json         the model config ({"format": "kimbho", ...KimbhoConfig fields})
         tokenizer.json      so a checkpoint directory is a complete model on its own
         run.yaml            the resolved run config
@@ -44,6 +48,8 @@ from .files import read_mapping, sha256_of_file
 log = logging.getLogger("kimbho")
 
 CHECKPOINTS = "checkpoints"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
 BEST = "best"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
@@ -69,6 +75,7 @@ def save_checkpoint(
     keep_last: int,
     name: str | None = None,
     chat_template: str | None = None,
+    adapter: dict[str, Any] | None = None,
     **manifest_extra: Any,
 ) -> Path:
     """Write checkpoint `step` of `run_dir` atomically, then drop all but the newest `keep_last`.
@@ -78,7 +85,9 @@ def save_checkpoint(
     `checkpoints/<name>/` instead of `step-N/`, outside retention (the best checkpoint);
     `trainer_state=None` writes a weights-only checkpoint. `chat_template` (a fine-tuned model's,
     when it is a Jinja template rather than Kimbho's role tokens) goes in `chat_template.jinja`,
-    where loading finds it as in a Hugging Face directory. A failed write (disk full)
+    where loading finds it as in a Hugging Face directory. `adapter` (a LoRA run's rank, alpha
+    and base) makes `weights` the adapter tensors alone, written as adapter.safetensors with
+    adapter.json. A failed write (disk full)
     raises a `KimbhoError` and leaves the existing checkpoints as they were, with no temporary
     directory behind."""
     root = run_dir / CHECKPOINTS
@@ -89,8 +98,11 @@ def save_checkpoint(
     writing = ""
     try:
         tmp.mkdir()
-        writing = "model.safetensors"
+        writing = "model.safetensors" if adapter is None else ADAPTER_WEIGHTS
         _save_weights(weights, run_config.model, tmp / writing)
+        if adapter is not None:
+            writing = ADAPTER_CONFIG
+            (tmp / writing).write_text(json.dumps(adapter, indent=2))
         writing = "config.json"
         (tmp / writing).write_text(json.dumps({"format": "kimbho", **run_config.model.to_dict()}, indent=2))
         writing = "tokenizer.json"
@@ -231,16 +243,20 @@ def read_model_config(ckpt: Path) -> KimbhoConfig:
 
 def read_weights(ckpt: Path, model: KimbhoV1Model) -> dict[str, torch.Tensor]:
     """The tensors of model.safetensors, checked against `model`'s names and shapes (a sharded
-    model's parameters report their full shapes)."""
-    path = ckpt / "model.safetensors"
+    model's parameters report their full shapes); of a LoRA checkpoint, its adapter.safetensors,
+    checked against `model`'s adapters."""
+    from ..model.lora import adapter_weights
+
+    adapted = (ckpt / ADAPTER_CONFIG).is_file()
+    path = ckpt / (ADAPTER_WEIGHTS if adapted else "model.safetensors")
     try:
         state = load_file(str(path))
     except (OSError, SafetensorError) as e:
         raise CorruptCheckpoint(f"cannot read weights {path}: {_reason(e)}") from None
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and not adapted:
         state.setdefault("head.weight", state.get("embed.weight", torch.empty(0)))
         state.setdefault("embed.weight", state["head.weight"])
-    expected = model.state_dict()
+    expected = adapter_weights(model.state_dict()) if adapted else model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:

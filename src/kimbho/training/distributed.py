@@ -303,17 +303,19 @@ def load_full_state(
     optimizer_state: dict[str, Any],
     world: World,
     with_optimizer: bool = True,
+    strict: bool = True,
 ) -> None:
     """Load a full state (from `full_weights` and `full_optimizer_state`), which only rank 0 needs
     to have read: it is broadcast to the others, and sharded again under FSDP. `with_optimizer`
-    (the same on every process) False leaves the optimizer as it is."""
+    (the same on every process) False leaves the optimizer as it is; `strict` False loads
+    `weights` that hold only some of the model's tensors (a LoRA run's adapters)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1, strict=strict)
     set_model_state_dict(model, dict(weights), options=options)
     if with_optimizer:
         state = _keyed_by_name(model, optimizer, optimizer_state)

@@ -166,10 +166,15 @@ Optimizer = torch.optim.Optimizer | MuonWithAdamW
 
 
 def build_optimizer(model: KimbhoV1Model, cfg: TrainConfig, device: torch.device) -> Optimizer:
-    """The optimizer `cfg.optimizer` names, over `model`'s parameters: weight decay on matrices,
+    """The optimizer `cfg.optimizer` names, over `model`'s trainable parameters: weight decay on matrices,
     none on gains; for `muon`, Muon on the 2-D weights of `model.blocks` and AdamW on the rest."""
-    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2} if cfg.optimizer == "muon" else set()
-    rest = [p for p in model.parameters() if id(p) not in hidden]
+    trained = [p for p in model.parameters() if p.requires_grad]  # a LoRA run's: the adapters
+    hidden = (
+        {id(p) for p in model.blocks.parameters() if p.requires_grad and p.dim() == 2}
+        if cfg.optimizer == "muon"
+        else set()
+    )
+    rest = [p for p in trained if id(p) not in hidden]
     adamw = torch.optim.AdamW(
         [
             {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -183,7 +188,7 @@ def build_optimizer(model: KimbhoV1Model, cfg: TrainConfig, device: torch.device
     if cfg.optimizer == "adamw":
         return adamw
     muon = Muon(
-        [p for p in model.parameters() if id(p) in hidden],
+        [p for p in trained if id(p) in hidden],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         # Newton–Schulz is matrix products only: in the run's precision (bf16 where auto picks

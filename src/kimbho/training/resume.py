@@ -50,6 +50,7 @@ def resume_differences(
                 f"the dataset's {split} split differs ({_describe_split(was)} in the checkpoint, "
                 f"{_describe_split(now)} now)"
             )
+    refusals += _lora_differences(saved_fp.get("lora"), fingerprint.get("lora"))
     saved_train = saved_train_config(ckpt)
     current_train = run.to_dict()["train"]
     if saved_train.get("optimizer", current_train["optimizer"]) != current_train["optimizer"]:
@@ -63,6 +64,26 @@ def resume_differences(
         if key in saved_train and saved_train[key] != value
     ]
     return refusals, changes
+
+
+def _lora_differences(was: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    """A LoRA run continues only with its own adapters' shape, over the base they adapt."""
+    if was == now:
+        return []
+    if was is None or now is None:
+        kinds = ("full fine-tuning or pretraining", "LoRA") if now else ("LoRA", "full fine-tuning")
+        return [f"the checkpoint is of {kinds[0]} and this run is {kinds[1]} (lora.rank)"]
+    found = []
+    if (was["rank"], was["alpha"]) != (now["rank"], now["alpha"]):
+        found.append(
+            f"lora.rank/alpha are {was['rank']}/{was['alpha']} in the checkpoint but {now['rank']}/{now['alpha']} now"
+        )
+    if was["base"]["sha256"] != now["base"]["sha256"]:
+        found.append(
+            f"the checkpoint's adapters are of base {was['base']['path']} (weights sha256 {was['base']['sha256'][:12]}...), "
+            f"this run's base is {now['base']['path']} (sha256 {now['base']['sha256'][:12]}...)"
+        )
+    return found
 
 
 def _describe_split(fingerprint: dict[str, Any] | None) -> str:

@@ -42,8 +42,8 @@ from ..errors import KimbhoError
 from ..evaluation import sum_loss, summarize
 from ..inference.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..inference.generation import generate
-from ..loading import load
-from ..model import KimbhoV1Model
+from ..loading import base_identity, load
+from ..model import KimbhoV1Model, lora
 from ..storage import checkpoints as checkpoint
 from . import distributed
 from .metrics import DiscardedMetrics, MetricsLog
@@ -101,6 +101,8 @@ class Trainer:
         self.progress = Progress()
         self.guard = StepGuard(self.cfg.skip_spikes)
         self.fingerprint = {"tokenizer_sha256": self.tokenizer.sha256, "dataset": dataset_fingerprint(meta)}
+        if self.adapter is not None:
+            self.fingerprint["lora"] = self.adapter
         self._prepare_run_dir(resume or force_resume, force_resume)
 
     # --- set-up -----------------------------------------------------------------------------
@@ -118,6 +120,15 @@ class Trainer:
                 f"{self.data_dir}/tokenizer.json is not the tokenizer its shards were made with"
             )
         self.init = self._load_init(init_from, explicit_keys) if init_from is not None else None
+        # A LoRA run's adapters and the base they adapt (checked on resume, saved with each checkpoint).
+        self.adapter: dict[str, Any] | None = None
+        if run.lora.rank:
+            if init_from is None:
+                raise KimbhoError(
+                    "lora.rank > 0 trains adapters over an existing model: give it with "
+                    "`kimbho finetune MODEL` (or `kimbho train --init MODEL`)"
+                )
+            self.adapter = {"rank": run.lora.rank, "alpha": run.lora.alpha, "base": base_identity(init_from)}
         if self.init is None:
             self._resolve_vocab(meta["vocab_size"], "model.vocab_size" in explicit_keys)
         self.seq_len = cfg.seq_len or meta.get("seq_len") or run.model.max_seq_len
@@ -184,10 +195,19 @@ class Trainer:
         """The model (the same initial weights on every process, or `--init`'s), wrapped for the
         processes (DDP around the loss, or FSDP2 shards) and compiled when it pays."""
         torch.manual_seed(self.cfg.seed)
-        self.model = KimbhoV1Model(self.run.model).to(self.device)
         if self.init is not None:
-            self.model.load_state_dict(self.init.state_dict())
-            self.init = None  # its weights are in the model now
+            self.model, self.init = self.init.to(self.device).train(), None
+        else:
+            self.model = KimbhoV1Model(self.run.model).to(self.device)
+        if self.adapter is not None:
+            torch.manual_seed(self.cfg.seed)  # the same adapters on every process
+            lora.add_adapters(self.model, self.run.lora.rank, self.run.lora.alpha)
+            if self.dtype == torch.bfloat16:
+                # The frozen projections are only read, in bf16 under autocast anyway: stored so,
+                # they take half the memory. The adapters, which train, stay fp32.
+                for module in self.model.modules():
+                    if isinstance(module, lora.LoraLinear):
+                        module.weight.data = module.weight.data.to(torch.bfloat16)
         if self.cfg.optimizer == "muon" and self.cfg.parallel == "fsdp" and self.world.size > 1:
             # Muon orthogonalises whole matrices; FSDP leaves each process a slice of each.
             raise self.world.error(
@@ -225,7 +245,7 @@ class Trainer:
             raise KimbhoError(
                 f"--init takes the model config from {model_path}; drop {', '.join(model_keys)}"
             )
-        model, tokenizer = load(model_path)
+        model, tokenizer = load(model_path, dtype="fp32")  # fp32 weights to train
         if tokenizer.sha256 != self.tokenizer.sha256:
             raise KimbhoError(
                 f"{self.data_dir} was prepared with a different tokenizer than {model_path}; "
@@ -311,7 +331,13 @@ class Trainer:
         ckpt, state, weights = found or (None, {}, {})
         with_optimizer = self.world.broadcast(state.get("optimizer") is not None)
         distributed.load_full_state(
-            self.model, self.optimizer, weights, state.get("optimizer") or {}, self.world, with_optimizer
+            self.model,
+            self.optimizer,
+            weights,
+            state.get("optimizer") or {},
+            self.world,
+            with_optimizer,
+            strict=self.adapter is None,  # a LoRA checkpoint holds the adapters only
         )
         shared: dict[str, Any] = self.world.broadcast(
             {key: state.get(key) for key in ("progress", "guard", "rng", "rng_by_rank")}
@@ -398,7 +424,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the whole training state at the current step (see `storage/checkpoints.py`). Every
         process takes part (the state is gathered from all of them); rank 0 writes it."""
-        weights = distributed.full_weights(self.model)
+        weights = self._weights()
         optimizer = distributed.full_optimizer_state(self.model, self.optimizer)
         rng = self.world.gather(rng_state())
         state: dict[str, Any] = {
@@ -422,8 +448,15 @@ class Trainer:
                     self.tokenizer,
                     self.cfg.keep_last,
                     chat_template=self.chat_template,
+                    adapter=self.adapter,
                 )
         return self.out / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(self.progress.step)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the model: all of it, or a LoRA run's adapters (the base is
+        the file it came from)."""
+        weights = distributed.full_weights(self.model)
+        return lora.adapter_weights(weights) if self.adapter is not None else weights
 
     def _save_best(self, val_loss: float) -> None:
         """Keep the weights of the lowest validation loss so far in checkpoints/best/."""
@@ -431,7 +464,7 @@ class Trainer:
         if not self.cfg.keep_best or not math.isfinite(val_loss) or (best is not None and val_loss >= best):
             return
         self.progress.best_val_loss = val_loss
-        weights = distributed.full_weights(self.model)
+        weights = self._weights()
         with self.world.together():
             if self.world.is_main:
                 checkpoint.save_checkpoint(
@@ -444,6 +477,7 @@ class Trainer:
                     self.cfg.keep_last,
                     name=checkpoint.BEST,
                     chat_template=self.chat_template,
+                    adapter=self.adapter,
                     val_loss=val_loss,
                 )
 
