@@ -1,7 +1,7 @@
 """Train in a subprocess and signal it at a chosen point: the fault injection of test_crash_resume.py.
 
     python tests/crash_driver.py RUN.json DATA_DIR RUN_DIR [--resume] [--at WHEN:TARGET:N[:REGEX]]
-                                 [--signal KILL|TERM|INT]
+                                 [--signal KILL|TERM|INT] [--init MODEL]
 
 RUN.json holds `RunConfig.to_dict()`. `--at before:torch.save:2` wraps the function `torch.save`
 (any dotted path: `os.replace`, `kimbho.training.trainer.Trainer.save`, ...) so that its 2nd call sends the
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--at", metavar="WHEN:TARGET:N")
     parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "INT"])
+    parser.add_argument("--init", metavar="MODEL", help="fine-tune MODEL (the Trainer's init_from)")
     args = parser.parse_args()
 
     from kimbho.config import RunConfig
@@ -79,7 +80,7 @@ def main() -> None:
         inject(args.at, signal.Signals[f"SIG{args.signal}"])
     with open(args.config) as f:
         run = RunConfig.from_dict(json.load(f))
-    Trainer(run, args.data, args.out, resume=args.resume, progress_bar=False).fit()
+    Trainer(run, args.data, args.out, resume=args.resume, progress_bar=False, init_from=args.init).fit()
 
 
 if __name__ == "__main__":

@@ -198,3 +198,33 @@ def test_kill_at_any_point_then_resume(
     assert r.returncode == 0, r.stderr
     result = assert_same_as_reference(driver.out, reference)
     print(f"\nSIGKILL {point}: checkpoints {steps}, temporaries {temporaries} -> resumed: {result}")
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_a_killed_fine_tuning_run_resumes_bit_identically(
+    trained_run: Path, tokenizer: kimbho.Tokenizer, tmp_path: Path, lora_rank: int
+) -> None:
+    """Fine-tuning, full and LoRA, killed between saves: the resumed run ends as the
+    uninterrupted one (metrics, and the weights or adapters it saves)."""
+    from kimbho.config import LoraConfig
+    from tests.test_finetune import _chat_data
+
+    data = _chat_data(tokenizer, tmp_path)
+    run = tiny_run_config(
+        batch_size=4, optimizer="adamw", max_steps=6, save_every=3, eval_every=3, log_every=1, lr=1e-3
+    )
+    run.lora = LoraConfig(rank=lora_rank, alpha=8) if lora_rank else LoraConfig()
+    reference = tmp_path / "reference"
+    kimbho.Trainer(run, data, reference, progress_bar=False, init_from=trained_run).fit()
+    driver = Driver(data, tmp_path / "killed")
+    driver.config.write_text(json.dumps(run.to_dict()))
+    r = driver.run("--init", str(trained_run), "--at", "before:kimbho.training.trainer.Trainer.train_step:5")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert driver.complete_steps() == [3]
+    r = driver.run("--init", str(trained_run), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "step-00000003 at step 3" in r.stderr
+    assert without_wall_clock(read_metrics(driver.out)) == without_wall_clock(read_metrics(reference))
+    name = "adapter.safetensors" if lora_rank else "model.safetensors"
+    a, b = (load_file(out / "checkpoints" / "step-00000006" / name) for out in (reference, driver.out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -355,3 +355,39 @@ def test_optimizer_state_of_older_checkpoints_is_keyed_by_name(data_dir: Path, t
         for key, value in values.items():
             assert torch.equal(converted["state"][name][key], value)
     assert _keyed_by_name(trainer.model, trainer.optimizer, by_name) is by_name
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_fine_tuning_on_two_processes_matches_one(trained_run: Path, tmp_path: Path, lora_rank: int) -> None:
+    """`kimbho finetune --nproc 2` (rank 0 packs the data, both train on halves of each batch)
+    takes the steps one process takes, full and LoRA. Rows hold different numbers of reply
+    tokens, so this also checks that the loss is the mean over the global batch's targets."""
+    from tests.test_finetune import _conversation, _write_jsonl
+
+    data = _write_jsonl(tmp_path / "chat.jsonl", [_conversation(i) for i in range(80)])
+    args = ["--data", data, "--max-steps", 4, "train.batch_size=8", "train.micro_batch_size=2",
+            "train.log_every=1", "train.eval_every=2", f"lora.rank={lora_rank}"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli("-q", "finetune", trained_run, "--out", one, *args) == 0
+    command = [
+        sys.executable,
+        "-m",
+        "kimbho",
+        "finetune",
+        str(trained_run),
+        "--out",
+        str(two),
+        "--nproc",
+        "2",
+    ]
+    r = subprocess.run([*command, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "x 2 processes (ddp)" in r.stderr and r.stdout.count("finished") == 1
+    worst = show("fine-tuning loss: 1 process vs 2", {"1 process": losses(one), "2 processes": losses(two)})
+    assert len(losses(two)) == 4 and worst <= TOLERANCE
+    name = "adapter.safetensors" if lora_rank else "model.safetensors"
+    a, b = (load_file(run / "checkpoints" / "step-00000004" / name) for run in (one, two))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert_same_weights(b[key], a[key])

@@ -6,7 +6,6 @@ import argparse
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 from ..errors import KimbhoError
 
@@ -33,10 +32,13 @@ EPOCHS = 3  # passes over the conversations when train.max_steps is not given
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..config import resolve_run_config
-    from ..data.chat_data import prepare_chat
+    from ..data.chat_data import FORMAT, prepare_chat
+    from ..data.shards import load_meta
+    from ..device import pick_device
     from ..inference.chat import ChatFormat
     from ..loading import load, resolve_checkpoint
     from ..storage.checkpoints import list_checkpoints
+    from ..training import distributed
     from ..training.trainer import Trainer
 
     flags = {"train.max_steps": args.max_steps, "lora.rank": args.lora_rank, "lora.alpha": args.lora_alpha}
@@ -44,6 +46,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     given, explicit = resolve_run_config(args.config, None, user)
     defaults = [*FINETUNE_DEFAULTS, *(LORA_DEFAULTS if given.lora.rank else ())]
     run, _ = resolve_run_config(args.config, None, [*defaults, *user])
+    if args.nproc is not None:
+        from ..training.distributed import launch, split_batch
+        from .train import without_option
+
+        if args.nproc >= 1:  # what can be checked before starting the processes
+            split_batch(run.train.batch_size, run.train.micro_batch_size, args.nproc)
+        return launch(args.nproc, without_option(args.argv, "--nproc"))
     out = Path(args.out)
     has_checkpoints = out.is_dir() and bool(list_checkpoints(out))
     if has_checkpoints and not args.resume:
@@ -58,17 +67,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     seq_len = run.train.seq_len or model.config.max_seq_len
     del model  # the trainer loads its own copy
+    # Under torchrun the first process prepares the data and the others wait for it.
+    world = distributed.setup(pick_device(run.train.device), run.train.dist_timeout)
     data_dir = out / "data"
-    if args.resume and (data_dir / "meta.json").is_file():
-        meta = _check_same_inputs(data_dir, args.data)
-    else:
-        meta = prepare_chat(args.data, tokenizer, chat, data_dir, seq_len, args.val_fraction, force=True)
+    with world.together():
+        if world.is_main:
+            if args.resume and (data_dir / "meta.json").is_file():
+                _check_same_inputs(data_dir, args.data)
+            else:
+                prepare_chat(args.data, tokenizer, chat, data_dir, seq_len, args.val_fraction, force=True)
+    meta = load_meta(data_dir, (FORMAT,))
     train_info = meta["splits"]["train"]
-    log.info(
-        f"fine-tuning data: {train_info['conversations']:,} conversations in {train_info['rows']:,} rows of "
-        f"{seq_len} tokens ({train_info['padding_fraction']:.1%} padding), {train_info['targets']:,} reply tokens; "
-        f"{meta['splits']['val']['conversations']:,} held out"
-    )
+    if world.is_main:
+        log.info(
+            f"fine-tuning data: {train_info['conversations']:,} conversations in {train_info['rows']:,} rows of "
+            f"{seq_len} tokens ({train_info['padding_fraction']:.1%} padding), {train_info['targets']:,} reply tokens; "
+            f"{meta['splits']['val']['conversations']:,} held out"
+        )
     if "train.max_steps" not in explicit:
         run.train.max_steps = max(1, math.ceil(EPOCHS * train_info["rows"] / run.train.batch_size))
     trainer = Trainer(
@@ -80,6 +95,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         init_from=args.model,
         chat_template=chat.template,
     )
+    if not world.is_main:
+        trainer.fit()  # rank 0 reports
+        return 0
     trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     what = (
@@ -87,8 +105,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if run.lora.rank
         else f"{trained / 1e6:.2f}M parameters"
     )
+    processes = f" x {world.size} processes ({trainer.cfg.parallel})" if world.size > 1 else ""
     log.info(
-        f"fine-tuning {what} on {trainer.device} "
+        f"fine-tuning {what} on {trainer.device}{processes} "
         f"({str(trainer.dtype).removeprefix('torch.')}), {trainer.cfg.max_steps} steps of "
         f"{trainer.cfg.batch_size} x {trainer.seq_len} tokens"
     )
@@ -107,7 +126,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_same_inputs(data_dir: Path, inputs: list[str]) -> dict[str, Any]:
+def _check_same_inputs(data_dir: Path, inputs: list[str]) -> None:
     """A resumed run trains on the data it began with: the files must be those it was prepared from."""
     from ..data.chat_data import FORMAT
     from ..data.shards import load_meta
@@ -122,7 +141,6 @@ def _check_same_inputs(data_dir: Path, inputs: list[str]) -> dict[str, Any]:
             f"--data differs from the files this run was prepared from ({', '.join(m['path'] for m in meta['inputs'])}); "
             f"resume with those, or fine-tune into a new --out"
         )
-    return meta
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -130,6 +148,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     ft = sub.add_parser(
         "finetune",
+        allow_abbrev=False,  # --nproc is passed on to torchrun's processes less itself, exactly
         help="fine-tune a model on conversations (loss on the assistant's replies)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="fine-tuning defaults: "
@@ -167,6 +186,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     ft.add_argument(
         "--lora-alpha", type=float, metavar="A", help="LoRA scale numerator (lora.alpha; scale = A / R)"
+    )
+    ft.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="fine-tune on N processes of this machine (DDP, or FSDP2 with train.parallel=fsdp), as train --nproc",
     )
     ft.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint in RUN_DIR"

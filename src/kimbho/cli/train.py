@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if args.nproc >= 1:  # what can be checked before starting the processes
             split_batch(run.train.batch_size, run.train.micro_batch_size, args.nproc)
-        return launch(args.nproc, _without_option(args.argv, "--nproc"))
+        return launch(args.nproc, without_option(args.argv, "--nproc"))
 
     from ..training.trainer import Trainer
 
@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _without_option(argv: list[str], option: str) -> list[str]:
+def without_option(argv: list[str], option: str) -> list[str]:
     """`argv` less `option VALUE` / `option=VALUE` (the train parser takes no abbreviations)."""
     kept: list[str] = []
     skip = False

@@ -42,7 +42,9 @@ class LoraLinear(nn.Linear):
         self.rank: int = rank
         self.scale: float = alpha / rank
         device = base.weight.device
-        self.lora_A: nn.Parameter = nn.Parameter(torch.empty(len(parts) * rank, base.in_features, device=device))
+        self.lora_A: nn.Parameter = nn.Parameter(
+            torch.empty(len(parts) * rank, base.in_features, device=device)
+        )
         self.lora_B: nn.Parameter = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         for a in self.lora_A.data.split(rank):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT initialises A
