@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ import kimbho
 from kimbho.errors import KimbhoError
 from kimbho.inference.engine import Engine
 from kimbho.inference.generation import encode_prompt
+from tests.conftest import run_cli
 
 
 def _naive_greedy(model: kimbho.KimbhoV1Model, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -214,3 +217,24 @@ def test_compiling_decides_the_slot_shapes_too(tiny_model, monkeypatch) -> None:
 def _tokenizer_for(model: kimbho.KimbhoV1Model) -> kimbho.Tokenizer:
     """A byte-level tokenizer small enough for the `tiny` model's vocabulary."""
     return kimbho.Tokenizer.train(["ab ba abba " * 20], vocab_size=min(300, model.config.vocab_size))
+
+
+def test_generate_chat_replies_in_the_models_chat_format(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--chat`: the prompt is a user message, formatted as the model was trained (here Kimbho's
+    role tokens), and the reply, cut at the end of turn, is what is printed."""
+    from kimbho.inference.chat import ChatFormat
+
+    model, tokenizer = kimbho.load(trained_run)
+    chat = ChatFormat(tokenizer)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    prompt = chat.encode(messages)
+    [row] = kimbho.generate_batch(model, [prompt], max_new_tokens=24, eos_token_id=tokenizer.eot_id)
+    reply = row[len(prompt) :]
+    reply = reply[: reply.index(tokenizer.eot_id)] if tokenizer.eot_id in reply else reply
+    args = ["--prompt", "What is a list?", "--temperature", "0", "--max-new-tokens", 24]
+    assert run_cli("generate", trained_run, "--system", "Be brief.", *args) == 0
+    assert capsys.readouterr().out == tokenizer.decode(reply) + "\n"
+    assert run_cli("generate", trained_run, "--chat", *args, "--stream") == 0
+    assert capsys.readouterr().out.endswith("\n")

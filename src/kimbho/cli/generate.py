@@ -6,9 +6,14 @@ import argparse
 import logging
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import KimbhoError
 from .common import add_inference_options, load_model
+
+if TYPE_CHECKING:
+    from ..data.tokenizer import Tokenizer
+    from ..inference.chat import ChatFormat
 
 log = logging.getLogger("kimbho")
 
@@ -43,13 +48,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
         compile=args.compile or None,
     )
     model, tokenizer = load_model(args)
+    chat = _chat_format(args, tokenizer) if args.chat or args.system is not None else None
+    # A chat is one conversation: each prompt is the next user turn, each reply joins it.
+    history = [{"role": "system", "content": args.system}] if args.system is not None else []
+
+    def respond(prompt: str) -> None:
+        if chat is None:
+            _print_generation(stream(model, tokenizer, prompt, **options), prompt, args.stream)
+            return
+        turn = {"role": "user", "content": prompt}
+        reply = _print_generation(
+            stream(model, tokenizer, [*history, turn], chat=chat, **options), "", args.stream
+        )
+        history.extend([turn, {"role": "assistant", "content": reply}])
+
     if args.prompt is not None:
-        _print_generation(stream(model, tokenizer, args.prompt, **options), args.prompt, args.stream)
+        respond(args.prompt)
         return
     failed = 0
     for prompt in _stdin_prompts():  # interactive: a bad prompt is reported and the session goes on
         try:
-            _print_generation(stream(model, tokenizer, prompt, **options), prompt, args.stream)
+            respond(prompt)
         except KimbhoError as e:
             print(f"kimbho: error: {e}", file=sys.stderr, flush=True)
             failed += 1
@@ -57,15 +76,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise KimbhoError(f"{failed} prompt(s) failed (see above)")
 
 
-def _print_generation(pieces: Iterator[str], prompt: str, streaming: bool) -> None:
-    """The prompt and its continuation on one line; piece by piece as they come when streaming."""
+def _chat_format(args: argparse.Namespace, tokenizer: Tokenizer) -> ChatFormat:
+    """The chat format MODEL was trained in (its template, or Kimbho's role tokens)."""
+    from ..inference.chat import ChatFormat
+    from ..loading import resolve_checkpoint
+
+    chat = ChatFormat.for_model(tokenizer, resolve_checkpoint(args.model))
+    if chat is None:
+        raise KimbhoError(
+            f"{args.model} has no chat format (its tokenizer lacks the role tokens and it has no "
+            f"chat_template); drop --chat to continue plain text"
+        )
+    return chat
+
+
+def _print_generation(pieces: Iterator[str], prompt: str, streaming: bool) -> str:
+    """The prompt and its continuation on one line; piece by piece as they come when streaming.
+    Returns the continuation."""
     if streaming:
         print(prompt, end="", flush=True)
+        text = ""
         for piece in pieces:
             print(piece, end="", flush=True)
+            text += piece
         print()
-    else:
-        print(prompt + "".join(pieces), flush=True)
+        return text
+    text = "".join(pieces)
+    print(prompt + text, flush=True)
+    return text
 
 
 def _stdin_prompts() -> Iterator[str]:
@@ -83,6 +121,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "model", metavar="MODEL", help="run directory, checkpoint directory or Hugging Face directory"
     )
     gen.add_argument("--prompt", help="text to continue; empty starts a new document")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt (each line, from stdin: one conversation) is a user message, answered in "
+        "the model's chat format; prints the reply",
+    )
+    gen.add_argument(
+        "--system", metavar="TEXT", help="a system message to open the chat with (implies --chat)"
+    )
     from ..inference.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
     gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N")

@@ -5,6 +5,7 @@ of any lengths), `stream` (text pieces as they come). Each is a thin wrapper ove
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -13,6 +14,7 @@ from ..device import compile_decode
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
 from .beam_search import beam_search
+from .chat import ChatFormat
 from .engine import Engine, Request
 from .sampling import SamplingParams
 
@@ -117,7 +119,7 @@ def generate_batch(
 def stream(
     model: KimbhoV1Model,
     tokenizer: Tokenizer,
-    prompt: str,
+    prompt: str | Sequence[dict[str, Any]],
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -130,13 +132,22 @@ def stream(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     compile: bool | None = None,
+    chat: ChatFormat | None = None,
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, each whole characters (valid UTF-8):
     joined, they equal the decoded output of `generate`. Stops at end-of-text or at a `stop`
     string (not included). Beam search has no meaningful partial output: its text comes in one
-    piece at the end. `compile` is the engine's (see `Engine`)."""
-    ids = encode_prompt(tokenizer, prompt)[0].tolist()
-    eot = (tokenizer.eot_id,) if tokenizer.eot_id is not None else ()
+    piece at the end. `compile` is the engine's (see `Engine`). With a `chat` format, `prompt`
+    is a conversation (a list of messages, or one user message's text) and the pieces are the
+    assistant's reply, which ends at the format's end of turn."""
+    if chat is not None:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        ids, eot = chat.encode(messages), chat.stop_token_ids
+    elif isinstance(prompt, str):
+        ids = encode_prompt(tokenizer, prompt)[0].tolist()
+        eot = (tokenizer.eot_id,) if tokenizer.eot_id is not None else ()
+    else:
+        raise KimbhoError("a list of messages needs the model's chat format (chat=ChatFormat.for_model(...))")
     params = SamplingParams(
         temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
     )
@@ -147,10 +158,15 @@ def stream(
         if stop:
             raise KimbhoError("stop strings are not supported with beam search")
         [row] = generate_batch(
-            model, [ids], max_new_tokens, num_beams=num_beams, eos_token_id=tokenizer.eot_id, compile=compile
+            model,
+            [ids],
+            max_new_tokens,
+            num_beams=num_beams,
+            eos_token_id=eot[0] if eot else None,
+            compile=compile,
         )
         new = row[len(ids) :]
-        return iter([tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eot_id else new)])
+        return iter([tokenizer.decode(new[:-1] if new and new[-1] in eot else new)])
     max_len = _slot_length(model, len(ids) + max_new_tokens, compile)
     engine = Engine(model, tokenizer, slots=1, max_len=max_len, compile=compile)
     engine.check(request)  # here, not at the first piece
