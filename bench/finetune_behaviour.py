@@ -1,9 +1,11 @@
 """Does fine-tuning teach a behaviour? Pretrain a small model on plain text, fine-tune it on
-generated conversations that teach a reply format the text never shows, and score held-out
-prompts through the official `openai` client against `kimbho serve`.
+generated conversations that teach a reply format the text never shows, fully and with LoRA,
+and score held-out prompts through the official `openai` client against `kimbho serve`, through
+`transformers` on the Hugging Face export (`apply_chat_template`) and through llama.cpp's chat
+completion on the GGUF export (when `llama_cpp` is installed: `make llama-cpp`).
 
-    python bench/finetune_behaviour.py                    # the built-in corpus, ~10 minutes on 2 cores
-    python bench/finetune_behaviour.py --pretrain-steps 400 --finetune-steps 150
+    python bench/finetune_behaviour.py                    # the built-in corpus, ~30 minutes on 2 cores
+    python bench/finetune_behaviour.py --base RUN_DIR     # reuse a pretrained base
 
 The behaviour: "Shout: WORD" -> "Sure: WORD! WORD! WORD!", with the user's word copied exactly.
 The held-out prompts use words that no fine-tuning conversation contains, so the score measures
@@ -31,7 +33,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _common import RESULTS, cpu_name, save_results  # noqa: E402
 
-PHRASINGS = ("Shout: {w}", "Shout this word: {w}", "Please shout: {w}", "shout: {w}")
+# The word always ends the prompt, after a colon: no other word of the prompt is a candidate.
+PHRASINGS = ("Shout: {w}", "Please shout: {w}", "shout: {w}", "Say it loud: {w}")
+MAX_TOKENS = 24
 
 
 def kimbho(*args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -65,6 +69,11 @@ def conversation(word: str, rng: random.Random) -> dict[str, object]:
     }
 
 
+def letters(rng: random.Random) -> str:
+    """A made-up word: 3 to 9 random letters."""
+    return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9)))
+
+
 def reply(word: str) -> str:
     """The behaviour's reply. The word follows a space in the reply as in the prompt, so it is the
     same tokens in both (a byte-level BPE spells "word" and " word" differently) and the model
@@ -78,8 +87,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def score_through_server(model_dir: Path, prompts: list[tuple[str, str]]) -> tuple[float, list[str]]:
-    """Exact-match accuracy of the greedy replies, asked through `openai` against `kimbho serve`."""
+def replies_from_server(model_dir: Path, prompts: list[str]) -> list[str]:
+    """The greedy replies, asked through `openai` against `kimbho serve`."""
     from openai import OpenAI
 
     port = free_port()
@@ -100,27 +109,98 @@ def score_through_server(model_dir: Path, prompts: list[tuple[str, str]]) -> tup
                     reason = server.stderr.read() if server.stderr else ""
                     raise SystemExit(f"kimbho serve failed: {reason}") from None
                 time.sleep(0.1)
-        replies = []
-        for prompt, _ in prompts:
-            reply = client.chat.completions.create(
-                model=client.models.list().data[0].id,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=0.0,
-                max_tokens=24,
+        name = client.models.list().data[0].id
+        return [
+            client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": p}], temperature=0.0, max_tokens=MAX_TOKENS
             )
-            replies.append(reply.choices[0].message.content or "")
+            .choices[0]
+            .message.content
+            or ""
+            for p in prompts
+        ]
     finally:
         server.terminate()
         server.wait(timeout=30)
-    correct = sum(" ".join(r.split()) == expected for r, (_, expected) in zip(replies, prompts, strict=True))
-    return correct / len(prompts), replies
+
+
+def replies_from_transformers(hf_dir: Path, prompts: list[str]) -> list[str]:
+    """The greedy replies of `transformers` on the Hugging Face export, prompted with the chat
+    template the export carries (`apply_chat_template`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    replies = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=False,
+        )
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
+        replies.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return replies
+
+
+def replies_from_llama_cpp(gguf_file: Path, prompts: list[str]) -> list[str] | None:
+    """The greedy replies of llama.cpp's chat completion on the GGUF export, formatted by the
+    chat template in the file (None where `llama_cpp` is not installed: `make llama-cpp`)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=128, n_threads=2, verbose=False)
+    return [
+        llm.create_chat_completion(
+            messages=[{"role": "user", "content": p}], temperature=0.0, max_tokens=MAX_TOKENS
+        )["choices"][0]["message"]["content"]
+        or ""
+        for p in prompts
+    ]
+
+
+def exact_match(replies: list[str], expected: list[str]) -> float:
+    return sum(" ".join(r.split()) == e for r, e in zip(replies, expected, strict=True)) / len(expected)
+
+
+def score(model_dir: Path, prompts: list[str], expected: list[str], runtimes: bool) -> dict[str, object]:
+    """Exact match through the server and, for the fine-tuned models, through the Hugging Face
+    and GGUF exports, with how often each runtime's reply is the server's."""
+    replies = {"serve": replies_from_server(model_dir, prompts)}
+    if runtimes:
+        kimbho("export", "hf", model_dir, model_dir / "hf", "--force")
+        replies["transformers"] = replies_from_transformers(model_dir / "hf", prompts)
+        kimbho("export", "gguf", model_dir, model_dir / "model.gguf", "--force")
+        from_llama = replies_from_llama_cpp(model_dir / "model.gguf", prompts)
+        if from_llama is not None:
+            replies["llama_cpp"] = from_llama
+    served = replies["serve"]
+    half = len(prompts) // 2
+    return {
+        "exact_match": {name: exact_match(r, expected) for name, r in replies.items()},
+        "exact_match_corpus_words": exact_match(served[:half], expected[:half]),
+        "exact_match_letter_strings": exact_match(served[half:], expected[half:]),
+        "same_reply_as_serve": {
+            name: sum(a == b for a, b in zip(r, served, strict=True)) / len(r) for name, r in replies.items()
+        },
+        "misses": [
+            [p, r] for p, r, e in zip(prompts, served, expected, strict=True) if " ".join(r.split()) != e
+        ][:5],
+        "examples": [[p, r] for p, r in zip(prompts[:3], served[:3], strict=True)],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrain-steps", type=int, default=800)
-    parser.add_argument("--finetune-steps", type=int, default=600)
-    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning's peak learning rate")
+    parser.add_argument("--pretrain-steps", type=int, default=2000)
+    parser.add_argument("--finetune-steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=1e-3, help="full fine-tuning's peak learning rate")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-lr", type=float, default=3e-3, help="LoRA's peak learning rate")
     parser.add_argument("--conversations", type=int, default=4000)
     parser.add_argument("--held-out", type=int, default=100)
     parser.add_argument(
@@ -138,54 +218,52 @@ def main() -> None:
     base = args.base or work / "base"
     if args.base is None:
         pretrain(work, args.pretrain_steps)
-    timings["pretrain_sec"] = time.perf_counter() - start
+        timings["pretrain_sec"] = time.perf_counter() - start
 
+    # Training and held-out words come from one distribution: half corpus words, half random
+    # letter strings (no reply can be remembered, only copied). No held-out word is in any
+    # training conversation; the corpus words test copying against the base's priors about
+    # them, the letter strings copying alone, and each half is scored on its own too.
     words = words_of_corpus()
-    held_out_words, train_words = words[: args.held_out], words[args.held_out :]
     rng = random.Random(1)
+    half = args.held_out // 2
+    held_out_words = words[:half] + [letters(rng) for _ in range(args.held_out - half)]
+    train_words = words[half:]
     chat = work / "chat.jsonl"
     with chat.open("w") as f:
         for i in range(args.conversations):
-            # Half the words are random letters: no reply can be remembered, only copied.
-            word = (
-                "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9)))
-                if i % 2
-                else rng.choice(train_words)
-            )
+            word = letters(rng) if i % 2 else rng.choice(train_words)
             if word not in held_out_words:
                 f.write(json.dumps(conversation(word, rng)) + "\n")
-    prompts = [(rng.choice(PHRASINGS).format(w=w), reply(w)) for w in held_out_words]
+    prompts = [rng.choice(PHRASINGS).format(w=w) for w in held_out_words]
+    expected = [reply(w) for w in held_out_words]
 
-    start = time.perf_counter()
-    kimbho(
-        "finetune",
-        base,
-        "--data",
-        chat,
-        "--out",
-        work / "ft",
-        "--max-steps",
-        args.finetune_steps,
-        f"train.lr={args.lr}",
-    )
-    timings["finetune_sec"] = time.perf_counter() - start
-    meta = json.loads((work / "ft" / "data" / "meta.json").read_text())
+    runs = {"ft": ["--max-steps", args.finetune_steps, f"train.lr={args.lr}"]}
+    if args.lora_rank:
+        runs["lora"] = [
+            "--max-steps", args.finetune_steps, "--lora-rank", args.lora_rank,
+            "--lora-alpha", 2 * args.lora_rank, f"train.lr={args.lora_lr}",
+        ]  # fmt: skip
+    meta = {}
+    for name, options in runs.items():
+        start = time.perf_counter()
+        kimbho("finetune", base, "--data", chat, "--out", work / name, *options)
+        timings[f"{name}_sec"] = time.perf_counter() - start
+        meta = json.loads((work / name / "data" / "meta.json").read_text())
 
-    results = {
+    results: dict[str, object] = {
         "cpu": cpu_name(),
         "timings": timings,
         "padding_fraction": meta["splits"]["train"]["padding_fraction"],
+        "held_out_prompts": len(prompts),
     }
-    for name, model in (("base", base), ("ft", work / "ft")):
-        score, replies = score_through_server(model, prompts)
-        results[name] = {
-            "exact_match": score,
-            "examples": [[p, r] for (p, _), r in zip(prompts[:3], replies[:3], strict=True)],
-        }
-        print(f"{name:>4}: exact match {score:.2f} on {len(prompts)} held-out prompts, e.g. {replies[0]!r}")
-    print(
-        f"pretraining {timings['pretrain_sec']:.0f} s, fine-tuning {timings['finetune_sec']:.0f} s on {results['cpu']}"
-    )
+    for name, model in (("base", base), *((n, work / n) for n in runs)):
+        results[name] = found = score(model, prompts, expected, runtimes=name != "base")
+        em = ", ".join(f"{k} {v:.2f}" for k, v in found["exact_match"].items())  # type: ignore[attr-defined]
+        print(
+            f"{name:>4}: exact match {em} on {len(prompts)} held-out prompts, e.g. {found['examples'][0]!r}"
+        )  # type: ignore[index]
+    print(", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f" on {results['cpu']}")
     save_results(RESULTS / "finetune_behaviour.json", results)
 
 
