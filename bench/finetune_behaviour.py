@@ -7,9 +7,10 @@ completion on the GGUF export (when `llama_cpp` is installed: `make llama-cpp`).
     python bench/finetune_behaviour.py                    # the built-in corpus, ~30 minutes on 2 cores
     python bench/finetune_behaviour.py --base RUN_DIR     # reuse a pretrained base
 
-The behaviour: "Shout: WORD" -> "Sure: WORD! WORD! WORD!", with the user's word copied exactly.
-The held-out prompts use words that no fine-tuning conversation contains, so the score measures
-the format learnt, not memorised replies. Every stage runs as a user would run it: `kimbho
+The behaviour: "Shout: W1 W2 W3" -> "Sure: W1! W2! W3!", for 1 to 3 words the tokenizer spells as
+one token each, copied exactly and in order. The 100 held-out prompts name word sequences that no
+fine-tuning conversation contains, so the score measures the format learnt and the words
+copied, not memorised replies. Every stage runs as a user would run it: `kimbho
 prepare`, `kimbho train`, `kimbho finetune`, `kimbho serve` (child processes), and the score is
 the exact match of the greedy reply. The base model's score is measured the same way.
 """
@@ -21,7 +22,6 @@ import json
 import random
 import re
 import socket
-import string
 import subprocess
 import sys
 import tempfile
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _common import RESULTS, cpu_name, save_results  # noqa: E402
 
-# The word always ends the prompt, after a colon: no other word of the prompt is a candidate.
+# The words always end the prompt, after a colon: no other word of the prompt is a candidate.
 PHRASINGS = ("Shout: {w}", "Please shout: {w}", "shout: {w}", "Say it loud: {w}")
 MAX_TOKENS = 24
 
@@ -47,38 +47,43 @@ def kimbho(*args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def words_of_corpus(limit: int = 1200) -> list[str]:
-    """Distinct plain words of the built-in corpus (CPython's docs), the fine-tuning vocabulary."""
-    from pydoc_data.topics import topics
+def single_token_words(model: Path) -> list[str]:
+    """The words the model's tokenizer spells as one token after a space (" word"), shuffled:
+    the words the behaviour copies. One token each, so a reply copies the word whole rather than
+    stitching fragments (fragments seen as replies become what the model says instead)."""
+    sys.path.insert(0, str(REPO / "src"))
+    from kimbho.data.tokenizer import Tokenizer
+    from kimbho.loading import resolve_checkpoint
 
-    seen: dict[str, None] = {}
-    for text in topics.values():
-        for w in re.findall(r"\b[a-z]{3,9}\b", text):
-            seen.setdefault(w, None)
-    words = list(seen)
+    ckpt = resolve_checkpoint(model)
+    path = ckpt / "tokenizer.json" if (ckpt / "tokenizer.json").is_file() else Path(model) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(path)
+    words = sorted(
+        {
+            text.strip()
+            for i in range(tokenizer.vocab_size)
+            if re.fullmatch(r" [a-z]{3,}", text := tokenizer.decode([i]))
+            and tokenizer.encode(f"Shout: {text.strip()}!")[-2:] == [i, *tokenizer.encode("!")]
+        }
+    )
     random.Random(0).shuffle(words)
-    return words[:limit]
+    return words
 
 
-def conversation(word: str, rng: random.Random) -> dict[str, object]:
+def conversation(chosen: tuple[str, ...], rng: random.Random) -> dict[str, object]:
     return {
         "messages": [
-            {"role": "user", "content": rng.choice(PHRASINGS).format(w=word)},
-            {"role": "assistant", "content": reply(word)},
+            {"role": "user", "content": rng.choice(PHRASINGS).format(w=" ".join(chosen))},
+            {"role": "assistant", "content": reply(chosen)},
         ]
     }
 
 
-def letters(rng: random.Random) -> str:
-    """A made-up word: 3 to 9 random letters."""
-    return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9)))
-
-
-def reply(word: str) -> str:
-    """The behaviour's reply. The word follows a space in the reply as in the prompt, so it is the
-    same tokens in both (a byte-level BPE spells "word" and " word" differently) and the model
-    can copy it."""
-    return f"Sure: {word}! {word}! {word}!"
+def reply(chosen: tuple[str, ...]) -> str:
+    """The behaviour's reply: each of the user's words, in order, shouted. Each word follows a
+    space in the reply as in the prompt, so it is the same token in both (a byte-level BPE
+    spells "word" and " word" differently) and the model can copy it."""
+    return "Sure:" + "".join(f" {w}!" for w in chosen)
 
 
 def free_port() -> int:
@@ -179,11 +184,8 @@ def score(model_dir: Path, prompts: list[str], expected: list[str], runtimes: bo
         if from_llama is not None:
             replies["llama_cpp"] = from_llama
     served = replies["serve"]
-    half = len(prompts) // 2
     return {
         "exact_match": {name: exact_match(r, expected) for name, r in replies.items()},
-        "exact_match_corpus_words": exact_match(served[:half], expected[:half]),
-        "exact_match_letter_strings": exact_match(served[half:], expected[half:]),
         "same_reply_as_serve": {
             name: sum(a == b for a, b in zip(r, served, strict=True)) / len(r) for name, r in replies.items()
         },
@@ -197,7 +199,7 @@ def score(model_dir: Path, prompts: list[str], expected: list[str], runtimes: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-steps", type=int, default=2000)
-    parser.add_argument("--finetune-steps", type=int, default=1000)
+    parser.add_argument("--finetune-steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=1e-3, help="full fine-tuning's peak learning rate")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="LoRA's peak learning rate")
@@ -220,23 +222,27 @@ def main() -> None:
         pretrain(work, args.pretrain_steps)
         timings["pretrain_sec"] = time.perf_counter() - start
 
-    # Training and held-out words come from one distribution: half corpus words, half random
-    # letter strings (no reply can be remembered, only copied). No held-out word is in any
-    # training conversation; the corpus words test copying against the base's priors about
-    # them, the letter strings copying alone, and each half is scored on its own too.
-    words = words_of_corpus()
+    # Each prompt names 1 to 3 words; no held-out prompt's words, in that order, are those of
+    # any fine-tuning conversation, so a reply can only be built by copying from the prompt.
+    words = single_token_words(base)
     rng = random.Random(1)
-    half = args.held_out // 2
-    held_out_words = words[:half] + [letters(rng) for _ in range(args.held_out - half)]
-    train_words = words[half:]
+
+    def draw() -> tuple[str, ...]:
+        return tuple(rng.sample(words, rng.randint(1, 3)))
+
+    held_out: list[tuple[str, ...]] = []
+    while len(held_out) < args.held_out:
+        if (choice := draw()) not in held_out:
+            held_out.append(choice)
     chat = work / "chat.jsonl"
     with chat.open("w") as f:
-        for i in range(args.conversations):
-            word = letters(rng) if i % 2 else rng.choice(train_words)
-            if word not in held_out_words:
-                f.write(json.dumps(conversation(word, rng)) + "\n")
-    prompts = [rng.choice(PHRASINGS).format(w=w) for w in held_out_words]
-    expected = [reply(w) for w in held_out_words]
+        written = 0
+        while written < args.conversations:
+            if (choice := draw()) not in held_out:
+                f.write(json.dumps(conversation(choice, rng)) + "\n")
+                written += 1
+    prompts = [rng.choice(PHRASINGS).format(w=" ".join(c)) for c in held_out]
+    expected = [reply(c) for c in held_out]
 
     runs = {"ft": ["--max-steps", args.finetune_steps, f"train.lr={args.lr}"]}
     if args.lora_rank:

@@ -161,3 +161,17 @@ def test_the_peft_adapter_export_loads_onto_the_exported_base(trained_run: Path,
         torch.testing.assert_close(with_adapter(PROMPT).logits, expected, rtol=0, atol=1e-4)
         merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf")
         torch.testing.assert_close(merged(PROMPT).logits, expected, rtol=0, atol=1e-4)
+
+
+def test_a_bf16_stored_base_trains_under_autocast_and_runs_outside_it(
+    tiny_model: kimbho.KimbhoV1Model,
+) -> None:
+    """Where training is bf16 the frozen projections are stored in bf16; the adapters stay fp32
+    and get gradients, and the model still runs in fp32 outside autocast (samples, evaluation)."""
+    lora.add_adapters(tiny_model, rank=4, alpha=8, frozen_dtype=torch.bfloat16)
+    qkv = tiny_model.blocks[0].attn.qkv
+    assert qkv.weight.dtype == torch.bfloat16 and qkv.lora_A.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny_model(PROMPT, targets=PROMPT).backward()
+    assert qkv.lora_A.grad is not None and qkv.weight.grad is None
+    assert torch.isfinite(tiny_model(PROMPT)).all()

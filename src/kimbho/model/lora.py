@@ -61,7 +61,10 @@ class LoraLinear(nn.Linear):
                 ],
                 dim=-1,
             )
-        return F.linear(x, self.weight) + up
+        weight = self.weight
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)  # a bf16-stored base outside autocast (sampling)
+        return F.linear(x, weight) + up
 
     def merged_weight(self) -> torch.Tensor:
         """`W + scale * B @ A`, part by part: the one matrix that computes what this module does."""
@@ -87,13 +90,20 @@ def _projections(model: KimbhoV1Model) -> list[tuple[nn.Module, str, list[int]]]
     return found
 
 
-def add_adapters(model: KimbhoV1Model, rank: int, alpha: float) -> None:
+def add_adapters(
+    model: KimbhoV1Model, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None
+) -> None:
     """Freeze every parameter of `model` and give its projections fresh adapters (drawn from
-    torch's global generator: seed it first for the same adapters on every process)."""
+    torch's global generator: seed it first for the same adapters on every process).
+    `frozen_dtype` stores the adapted projections' frozen weights in that precision; the
+    adapters, which train, stay fp32."""
     for param in model.parameters():
         param.requires_grad_(False)
     for parent, name, parts in _projections(model):
-        setattr(parent, name, LoraLinear(getattr(parent, name), parts, rank, alpha))
+        adapted = LoraLinear(getattr(parent, name), parts, rank, alpha)
+        if frozen_dtype is not None:
+            adapted.weight.data = adapted.weight.data.to(frozen_dtype)
+        setattr(parent, name, adapted)
 
 
 def merge_adapters(model: KimbhoV1Model) -> None:

@@ -194,20 +194,16 @@ class Trainer:
     def _set_up_model(self) -> None:
         """The model (the same initial weights on every process, or `--init`'s), wrapped for the
         processes (DDP around the loss, or FSDP2 shards) and compiled when it pays."""
-        torch.manual_seed(self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)  # the same initial weights and adapters on every process
         if self.init is not None:
             self.model, self.init = self.init.to(self.device).train(), None
         else:
             self.model = KimbhoV1Model(self.run.model).to(self.device)
         if self.adapter is not None:
-            torch.manual_seed(self.cfg.seed)  # the same adapters on every process
-            lora.add_adapters(self.model, self.run.lora.rank, self.run.lora.alpha)
-            if self.dtype == torch.bfloat16:
-                # The frozen projections are only read, in bf16 under autocast anyway: stored so,
-                # they take half the memory. The adapters, which train, stay fp32.
-                for module in self.model.modules():
-                    if isinstance(module, lora.LoraLinear):
-                        module.weight.data = module.weight.data.to(torch.bfloat16)
+            # The frozen projections are only read, in bf16 under autocast when training is bf16:
+            # stored so, they take half the memory.
+            frozen = torch.bfloat16 if self.dtype == torch.bfloat16 else None
+            lora.add_adapters(self.model, self.run.lora.rank, self.run.lora.alpha, frozen_dtype=frozen)
         if self.cfg.optimizer == "muon" and self.cfg.parallel == "fsdp" and self.world.size > 1:
             # Muon orthogonalises whole matrices; FSDP leaves each process a slice of each.
             raise self.world.error(
