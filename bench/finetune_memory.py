@@ -58,6 +58,13 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute each block's activations in the backward pass (default on): what a user "
+        "short of memory sets, and what leaves the weights and optimizer state as the difference",
+    )
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kimbho-ftmem-"))
@@ -72,7 +79,8 @@ def main() -> None:
             reply = " ".join(f"word{i * 7 + j}" for j in range(20 + i % 30))
             f.write(json.dumps({"prompt": f"List some words, number {i}.", "completion": reply}) + "\n")
     common = ["--data", chat, "--max-steps", args.steps, f"train.batch_size={args.batch_size}",
-              f"train.seq_len={args.seq_len}", "train.eval_every=0", "train.compile=false"]  # fmt: skip
+              f"train.seq_len={args.seq_len}", "train.eval_every=0", "train.compile=false",
+              f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}"]  # fmt: skip
     results: dict[str, object] = {
         "cpu": cpu_name(),
         "steps": args.steps,
