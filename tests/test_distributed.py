@@ -385,7 +385,9 @@ def test_fine_tuning_on_two_processes_matches_one(trained_run: Path, tmp_path: P
     assert r.returncode == 0, r.stderr
     assert "x 2 processes (ddp)" in r.stderr and r.stdout.count("finished") == 1
     worst = show("fine-tuning loss: 1 process vs 2", {"1 process": losses(one), "2 processes": losses(two)})
-    assert len(losses(two)) == 4 and worst <= TOLERANCE
+    # In bf16 the two processes' sums of products differ in order (4e-4 at most, measured with
+    # bf16 forced on an AVX2 Zen 3, on losses of ~1-4 nats).
+    assert len(losses(two)) == 4 and worst <= (2e-3 if BF16 else TOLERANCE)
     name = "adapter.safetensors" if lora_rank else "model.safetensors"
     a, b = (load_file(run / "checkpoints" / "step-00000004" / name) for run in (one, two))
     assert a.keys() == b.keys()
