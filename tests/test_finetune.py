@@ -129,7 +129,7 @@ def _examples(tokenizer: kimbho.Tokenizer, n: int) -> list:
 
 def test_packing_keeps_every_conversation_whole_and_rows_full(tokenizer: kimbho.Tokenizer) -> None:
     examples = _examples(tokenizer, 200)  # 15-45 tokens each
-    rows = pack(examples, 256)
+    rows, _ = pack(examples, 256)
     tokens = sum(len(e.ids) - 1 for e in examples)
     assert rows.shape[1:] == (4, 256)
     assert 1 - tokens / (len(rows) * 256) < 0.05  # under 5% padding
@@ -145,7 +145,7 @@ def test_a_packed_row_gives_each_conversation_the_loss_it_gets_alone(tokenizer: 
         kimbho.KimbhoConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size)
     ).eval()
     examples = _examples(tokenizer, 12)
-    rows = pack(examples, 64)
+    rows, _ = pack(examples, 64)
     batch = to_batch(rows)
     with torch.no_grad():
         for r in range(len(rows)):
@@ -169,7 +169,7 @@ def test_a_packed_row_gives_each_conversation_the_loss_it_gets_alone(tokenizer: 
 def test_the_sampler_is_a_function_of_seed_and_step_and_visits_every_row_each_epoch(
     tokenizer: kimbho.Tokenizer,
 ) -> None:
-    rows = pack(_examples(tokenizer, 40), 64)
+    rows, _ = pack(_examples(tokenizer, 40), 64)
     a, b = PackedSampler(rows, 3, seed=1), PackedSampler(rows, 3, seed=1)
     assert torch.equal(a.batch(5).inputs, b.batch(5).inputs)
     epoch = np.concatenate([a.indices(s) for s in range(len(rows))])  # 3 epochs of rows

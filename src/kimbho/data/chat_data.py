@@ -82,8 +82,9 @@ def tokenize(
     return examples, skipped
 
 
-def pack(examples: Sequence[Example], seq_len: int) -> np.ndarray:
-    """Rows (n, 4, seq_len) int32 of inputs, targets, positions and segments, best-fit decreasing.
+def pack(examples: Sequence[Example], seq_len: int) -> tuple[np.ndarray, list[list[int]]]:
+    """Rows (n, 4, seq_len) int32 of inputs, targets, positions and segments, best-fit decreasing,
+    and the examples of each row by segment (row r's segment s is `examples[members[r][s]]`).
     An example of L ids fills L - 1 positions: it predicts ids[1:] from ids[:-1]. Padding predicts
     nothing and is a segment of its own."""
     lengths = [len(e.ids) - 1 for e in examples]
@@ -119,7 +120,7 @@ def pack(examples: Sequence[Example], seq_len: int) -> np.ndarray:
             start += n
         out[r, _SEGMENTS, start:] = len(members)  # padding: attends to itself only
         out[r, _POSITIONS, start:] = np.arange(seq_len - start)
-    return out
+    return out, rows
 
 
 def prepare_chat(
@@ -166,7 +167,7 @@ def prepare_chat(
     }
     with staged_directory(out, force) as tmp:
         for split, members in splits.items():
-            rows = pack(members, seq_len) if members else np.zeros((0, 4, seq_len), dtype=np.int32)
+            rows = pack(members, seq_len)[0] if members else np.zeros((0, 4, seq_len), dtype=np.int32)
             np.save(tmp / f"{split}.npy", rows)
             meta["splits"][split] = _split_info(rows, members)
         tokenizer.save(tmp / "tokenizer.json")

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.corpus import CorpusReport, read_sections
-from .data.shards import Batch, TokenStream, eval_windows, load_meta, window_batches
-from .data.tokenizer import Tokenizer
-from .device import autocast
-from .errors import KimbhoError
-from .model import KimbhoV1Model
-from .model.loss import IGNORE
+from ..data.corpus import CorpusReport, read_sections
+from ..data.shards import Batch, TokenStream, eval_windows, load_meta, window_batches
+from ..data.tokenizer import Tokenizer
+from ..device import autocast
+from ..errors import KimbhoError
+from ..model import KimbhoV1Model
+from ..model.loss import IGNORE
 
 
 @torch.no_grad()

@@ -1,0 +1,291 @@
+"""Task evaluation (`kimbho eval --task`): did the model learn to answer?
+
+A task file is JSONL, one item per line, all of one kind (INTERFACE.md):
+
+    {"query": "...", "choices": ["...", "..."], "gold": 0}     multiple choice
+    {"prompt": "...", "answer": "..."}                         generative, plain prompt
+    {"messages": [...], "answer": "..."}                       generative, in the model's chat format
+
+Multiple choice scores each choice by its log-likelihood after the query (the choice's text is
+appended to the query as it is: put the separating space in the choice, " yes"); the item is
+right when the gold choice has the highest log-likelihood per character (lm-evaluation-harness's
+`acc_norm`). `centered` rescales accuracy so that chance (1 / number of choices) is 0 and perfect
+is 1. All choices of all items are scored together: packed into rows of the model's context,
+each attending only to its own query, one forward pass per batch of rows.
+
+Generative items are answered greedily (a plain prompt's reply ends at a newline or end-of-text,
+a chat reply at the end of its turn) and scored by exact match, whitespace and case normalised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.chat_data import Example, pack
+from ..data.tokenizer import Tokenizer
+from ..errors import KimbhoError
+from ..model import KimbhoV1Model
+from ..model.loss import IGNORE
+
+# Logits materialised at once while scoring (rows x positions x vocabulary): 256 MB in fp32.
+_LOGITS_PER_PASS = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    query: str
+    choices: tuple[str, ...]
+    gold: int
+    where: str
+
+
+@dataclass(frozen=True)
+class Generative:
+    prompt: str | None  # or
+    messages: tuple[dict[str, str], ...] | None
+    answer: str
+    where: str
+
+
+Item = MultipleChoice | Generative
+
+
+def read_task(path: Path, skip_bad: bool = False) -> tuple[list[Item], list[str]]:
+    """The items of a task file, and (with `skip_bad`) the reasons for the lines left out;
+    without it the first bad line is an error naming file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise KimbhoError(f"task file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise KimbhoError(f"task file {path} is not UTF-8 text") from None
+    items: list[Item] = []
+    bad: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            items.append(_parse(line, where))
+        except KimbhoError as e:
+            if not skip_bad:
+                raise KimbhoError(f"{e}; fix the line, or pass --skip-bad to leave such lines out") from None
+            bad.append(str(e))
+    kinds = {type(i) for i in items}
+    if len(kinds) > 1:
+        raise KimbhoError(
+            f"task file {path} mixes multiple-choice and generative items; give each its own file"
+        )
+    if not items:
+        raise KimbhoError(f"task file {path} holds no usable item" + (f" ({bad[0]})" if bad else ""))
+    return items, bad
+
+
+def _parse(line: str, where: str) -> Item:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise KimbhoError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise KimbhoError(f"{where}: expected a JSON object")
+    if "choices" in value or "query" in value:
+        query, choices, gold = value.get("query"), value.get("choices"), value.get("gold")
+        if not isinstance(query, str):
+            raise KimbhoError(f'{where}: a multiple-choice item needs a string "query"')
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise KimbhoError(f'{where}: "choices" must be a list of strings')
+        if not choices:
+            raise KimbhoError(f'{where}: "choices" is empty')
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise KimbhoError(
+                f'{where}: "gold" must be the index of one of the {len(choices)} choices, got {gold!r}'
+            )
+        if any(not c for c in choices):
+            raise KimbhoError(f"{where}: a choice is empty: nothing to score")
+        return MultipleChoice(query, tuple(choices), gold, where)
+    answer = value.get("answer")
+    if not isinstance(answer, str):
+        raise KimbhoError(
+            f'{where}: expected "query"/"choices"/"gold", or "prompt" or "messages" with "answer"'
+        )
+    if isinstance(value.get("prompt"), str):
+        return Generative(value["prompt"], None, answer, where)
+    messages = value.get("messages")
+    if (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
+        return Generative(
+            None, tuple({"role": m["role"], "content": m["content"]} for m in messages), answer, where
+        )
+    raise KimbhoError(
+        f'{where}: a generative item needs a string "prompt" or a list of {{role, content}} "messages"'
+    )
+
+
+# --- multiple choice --------------------------------------------------------------------------
+
+
+def continuation_ids(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of `context + continuation`, encoded as one text and split
+    where the context's own ids end (so the boundary is tokenized as it would be in running
+    text); an empty context starts from end-of-text, as a new document does."""
+    from ..inference.generation import encode_prompt
+
+    whole = tokenizer.encode(context + continuation)
+    head = tokenizer.encode(context)
+    if head and whole[: len(head)] == head:
+        return head, whole[len(head) :]
+    return encode_prompt(tokenizer, context)[0].tolist(), tokenizer.encode(continuation)
+
+
+@torch.no_grad()
+def score_continuations(
+    model: KimbhoV1Model,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the continuation's log-likelihood given the
+    context (nats), and whether greedy decoding would have produced it. Pairs are packed into
+    rows of the model's context, each attending only to itself. `progress(n)` counts pairs done."""
+    seq_len = model.config.max_seq_len
+    examples = [
+        Example([*ctx, *cont], [False] * len(ctx) + [True] * len(cont), str(i))
+        for i, (ctx, cont) in enumerate(pairs)
+    ]
+    rows, members = pack(examples, seq_len)
+    device = model.embed.weight.device
+    per_pass = max(1, _LOGITS_PER_PASS // (seq_len * model.config.vocab_size))
+    sums = [0.0] * len(pairs)
+    greedy = [True] * len(pairs)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), per_pass):
+        chunk = torch.from_numpy(rows[start : start + per_pass]).long().to(device)
+        inputs, targets, positions, segments = chunk.unbind(1)
+        logits = model(inputs, positions=positions, segments=segments).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        scored = targets != IGNORE
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        is_max = logits.argmax(-1) == targets
+        for r in range(chunk.shape[0]):
+            row = members[start + r]
+            mask = scored[r]
+            for segment, value, top in zip(
+                segments[r][mask].tolist(), picked[r][mask].tolist(), is_max[r][mask].tolist(), strict=True
+            ):
+                i = row[segment]
+                sums[i] += value
+                greedy[i] = greedy[i] and top
+        if progress is not None:
+            progress(sum(len(members[start + r]) for r in range(chunk.shape[0])))
+    model.train(was_training)
+    return list(zip(sums, greedy, strict=True))
+
+
+def score_multiple_choice(
+    model: KimbhoV1Model,
+    tokenizer: Tokenizer,
+    items: Sequence[MultipleChoice],
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Accuracy (per-character normalised, as `score`; raw as `acc`), centred accuracy, and the
+    log-likelihoods of every choice."""
+    pairs, owners = [], []
+    limit = model.config.max_seq_len + 1
+    for n, item in enumerate(items):
+        for choice in item.choices:
+            ctx, cont = continuation_ids(tokenizer, item.query, choice)
+            if len(ctx) + len(cont) > limit:
+                raise KimbhoError(
+                    f"{item.where}: the query with its choice {choice[:40]!r} is {len(ctx) + len(cont)} tokens, "
+                    f"longer than the model's context of {limit - 1} (+1)"
+                )
+            if not cont:
+                raise KimbhoError(f"{item.where}: the choice {choice!r} adds no token to the query")
+            pairs.append((ctx, cont))
+            owners.append(n)
+    scored = score_continuations(model, pairs, progress)
+    loglik: list[list[float]] = [[] for _ in items]
+    for n, (value, _) in zip(owners, scored, strict=True):
+        loglik[n].append(value)
+    right_norm = right_raw = 0
+    for item, values in zip(items, loglik, strict=True):
+        normalised = [v / len(c) for v, c in zip(values, item.choices, strict=True)]
+        right_norm += int(max(range(len(values)), key=normalised.__getitem__) == item.gold)
+        right_raw += int(max(range(len(values)), key=values.__getitem__) == item.gold)
+    chance = sum(1 / len(i.choices) for i in items) / len(items)
+    score = right_norm / len(items)
+    return {
+        "kind": "multiple_choice",
+        "score": score,
+        "acc": right_raw / len(items),
+        "centered": (score - chance) / (1 - chance) if chance < 1 else math.nan,
+        "chance": chance,
+        "items": len(items),
+        "loglikelihoods": loglik,
+    }
+
+
+# --- generative -------------------------------------------------------------------------------
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def score_generative(
+    model: KimbhoV1Model,
+    tokenizer: Tokenizer,
+    items: Sequence[Generative],
+    chat: Any,
+    max_new_tokens: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Exact match of the greedy replies, generated together by the engine."""
+    from ..inference.engine import Engine, Request
+    from ..inference.generation import MAX_SLOTS, encode_prompt
+
+    requests = []
+    context = model.config.max_seq_len
+    stop_text: tuple[str, ...]
+    for item in items:
+        if item.messages is not None:
+            if chat is None:
+                raise KimbhoError(f"{item.where}: chat messages, but the model has no chat format")
+            ids, stops, stop_text = chat.encode(list(item.messages)), chat.stop_token_ids, ()
+        else:
+            assert item.prompt is not None
+            eot = (tokenizer.eot_id,) if tokenizer.eot_id is not None else ()
+            ids, stops, stop_text = encode_prompt(tokenizer, item.prompt)[0].tolist(), eot, ("\n",)
+        if len(ids) >= context:
+            raise KimbhoError(
+                f"{item.where}: the prompt is {len(ids)} tokens, as long as the model's context ({context})"
+            )
+        budget = min(max_new_tokens, context - len(ids))
+        requests.append(Request(ids, budget, stop_token_ids=stops, stop=stop_text))
+    engine = Engine(model, tokenizer, slots=min(len(requests), MAX_SLOTS))
+    replies = [""] * len(requests)
+    for event in engine.run(requests):
+        replies[event.request_id] += event.text
+        if event.finish_reason is not None and progress is not None:
+            progress(1)
+    right = [normalise(r) == normalise(i.answer) for r, i in zip(replies, items, strict=True)]
+    return {
+        "kind": "generative",
+        "score": sum(right) / len(items),
+        "centered": sum(right) / len(items),  # chance is 0: an exact answer is not guessed
+        "items": len(items),
+        "replies": replies,
+    }
