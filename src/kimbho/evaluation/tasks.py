@@ -174,20 +174,18 @@ def score_continuations(
     for start in range(0, len(rows), per_pass):
         chunk = torch.from_numpy(rows[start : start + per_pass]).long().to(device)
         inputs, targets, positions, segments = chunk.unbind(1)
-        logits = model(inputs, positions=positions, segments=segments).float()
-        logprobs = torch.log_softmax(logits, dim=-1)
         scored = targets != IGNORE
-        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        is_max = logits.argmax(-1) == targets
-        for r in range(chunk.shape[0]):
-            row = members[start + r]
-            mask = scored[r]
-            for segment, value, top in zip(
-                segments[r][mask].tolist(), picked[r][mask].tolist(), is_max[r][mask].tolist(), strict=True
-            ):
-                i = row[segment]
-                sums[i] += value
-                greedy[i] = greedy[i] and top
+        # The head and softmax at the continuations' positions only: the queries' are not scored.
+        hidden = model.features(inputs, positions=positions, segments=segments)[scored]
+        logits = model.head(hidden).float()
+        wanted = targets[scored]
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, wanted.unsqueeze(-1)).squeeze(-1).tolist()
+        is_max = (logits.argmax(-1) == wanted).tolist()
+        rows_of = scored.nonzero()[:, 0].add(start).tolist()
+        for row, segment, value, top in zip(rows_of, segments[scored].tolist(), picked, is_max, strict=True):
+            i = members[row][segment]
+            sums[i] += value
+            greedy[i] = greedy[i] and top
         if progress is not None:
             progress(sum(len(members[start + r]) for r in range(chunk.shape[0])))
     model.train(was_training)

@@ -264,8 +264,10 @@ class KimbhoV1Model(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, emb_dim), before the head.
+        """Final normalised hidden states (B, T, emb_dim), before the head. `segments`: packed
+        rows, as for `forward`.
 
         With a cache, token (b, t) sits at position `positions[b, t]`: its key and value are
         stored there and it attends to every cached position up to its own. Rows are independent,
@@ -275,7 +277,7 @@ class KimbhoV1Model(nn.Module):
         Generation's entry point (it applies the head itself); FSDP gathers the weights for it as
         for `forward` (`training/distributed.py`). `forward` calls `_hidden` directly, so one
         training forward pass gathers once."""
-        return self._hidden(input_ids, cache, positions, kv_len)
+        return self._hidden(input_ids, cache, positions, kv_len, segments=segments)
 
     def forward(
         self,
