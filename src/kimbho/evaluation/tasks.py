@@ -48,7 +48,9 @@ class MultipleChoice:
 
 @dataclass(frozen=True)
 class Generative:
-    prompt: str | None  # or
+    """A plain prompt or chat messages (exactly one of the two is set), and the answer."""
+
+    prompt: str | None
     messages: tuple[dict[str, str], ...] | None
     answer: str
     where: str
