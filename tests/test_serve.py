@@ -166,6 +166,53 @@ def test_prompt_shapes(server, tokenizer) -> None:  # type: ignore[no-untyped-de
     assert echo["choices"][0]["text"] == "while loops" + by_text["choices"][0]["text"]
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """OpenAI's legacy echo: each prompt token's log-probability given those before it, as the
+    model computes it (what lm-evaluation-harness's local-completions reads)."""
+    url = server[0] + "/v1/completions"
+    ids = tokenizer.encode("while loops run until")
+    with torch.no_grad():
+        expected = torch.log_softmax(_model()(torch.tensor([ids])).float(), -1)[0, :-1]
+    expected = expected.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1).tolist()
+    for max_tokens in (0, 1):
+        body = {"prompt": [ids], "max_tokens": max_tokens, "temperature": 0, "logprobs": 1, "echo": True}
+        out = httpx.post(url, json=body).json()
+        [choice] = out["choices"]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(ids) + max_tokens
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+        # the likeliest token's log-probability is an upper bound, reached where the prompt is greedy
+        for chosen, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True):
+            assert len(top) == 1 and max(top.values()) >= chosen - 1e-6
+        assert choice["text"].startswith("while loops run until")
+        assert lp["text_offset"][: len(ids)] == sorted(lp["text_offset"][: len(ids)])
+        assert out["usage"]["completion_tokens"] == max_tokens
+    assert choice["finish_reason"] == "length"
+    refused = [
+        ({"prompt": "x", "max_tokens": 0, "echo": True}, "max_tokens"),  # nothing to generate or score
+        ({"prompt": "x", "max_tokens": 0, "logprobs": 1, "echo": True, "stream": True}, "stream"),
+    ]
+    for body, param in refused:
+        response = httpx.post(url, json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_tokenizer_routes(server, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    base = server[0]
+    info = httpx.get(base + "/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["chat_template"]
+    text = "def f(x):\n    return x"
+    tokens = httpx.post(base + "/tokenize", json={"prompt": text}).json()["tokens"]
+    assert tokens == tokenizer.encode(text)
+    assert httpx.post(base + "/detokenize", json={"tokens": tokens}).json() == {"prompt": text}
+    # a special token's text is that token, as Hugging Face and vLLM read text
+    marked = httpx.post(base + "/tokenize", json={"prompt": "x" + info["eos_token"]}).json()["tokens"]
+    assert marked == [*tokenizer.encode("x"), tokenizer.eot_id]
+    bad = httpx.post(base + "/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
 def test_stop_strings_and_logprobs(server, tokenizer) -> None:  # type: ignore[no-untyped-def]
     url = server[0] + "/v1/completions"
     full = httpx.post(url, json={"prompt": "a", "max_tokens": 20, "temperature": 0}).json()["choices"][0][
@@ -406,7 +453,7 @@ def test_api_key_guards_every_route_but_health(tokenizer) -> None:  # type: igno
         ("GET", "/health"),
     } <= routes
     assert ("GET", "/openapi.json") in routes and ("GET", "/docs") in routes
-    body = {"prompt": "x", "max_tokens": 2, "messages": MSG}
+    body = {"prompt": "x", "max_tokens": 2, "messages": MSG, "tokens": [5]}  # every POST route's fields
     with running_server(app) as url:
         for method, path in sorted(routes):
             path = path.replace("{model_id}", "tiny")

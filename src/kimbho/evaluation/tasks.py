@@ -152,15 +152,26 @@ def continuation_ids(tokenizer: Tokenizer, context: str, continuation: str) -> t
     return encode_prompt(tokenizer, context)[0].tolist(), tokenizer.encode(continuation)
 
 
+@dataclass
+class TokenScores:
+    """Per continuation token: its log-probability given everything before it, whether it was
+    the likeliest token there, and (when asked for) the `top` likeliest (token, log-probability)."""
+
+    logprobs: list[float]
+    greedy: list[bool]
+    top: list[list[tuple[int, float]]]
+
+
 @torch.no_grad()
-def score_continuations(
+def score_tokens(
     model: KimbhoV1Model,
     pairs: Sequence[tuple[list[int], list[int]]],
+    top: int = 0,
     progress: Callable[[int], None] | None = None,
-) -> list[tuple[float, bool]]:
-    """For each (context ids, continuation ids): the continuation's log-likelihood given the
-    context (nats), and whether greedy decoding would have produced it. Pairs are packed into
-    rows of the model's context, each attending only to itself. `progress(n)` counts pairs done."""
+) -> list[TokenScores]:
+    """The scores of each (context ids, continuation ids) pair's continuation tokens. Pairs are
+    packed into rows of the model's context, each attending only to itself, and the head runs
+    only at the continuations' positions. `progress(n)` counts pairs done."""
     seq_len = model.config.max_seq_len
     examples = [
         Example([*ctx, *cont], [False] * len(ctx) + [True] * len(cont), str(i))
@@ -169,29 +180,43 @@ def score_continuations(
     rows, members = pack(examples, seq_len)
     device = model.embed.weight.device
     per_pass = max(1, _LOGITS_PER_PASS // (seq_len * model.config.vocab_size))
-    sums = [0.0] * len(pairs)
-    greedy = [True] * len(pairs)
+    scores = [TokenScores([], [], []) for _ in pairs]
     was_training = model.training
     model.eval()
     for start in range(0, len(rows), per_pass):
         chunk = torch.from_numpy(rows[start : start + per_pass]).long().to(device)
         inputs, targets, positions, segments = chunk.unbind(1)
         scored = targets != IGNORE
-        # The head and softmax at the continuations' positions only: the queries' are not scored.
         hidden = model.features(inputs, positions=positions, segments=segments)[scored]
-        logits = model.head(hidden).float()
+        logprobs = torch.log_softmax(model.head(hidden).float(), dim=-1)
         wanted = targets[scored]
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, wanted.unsqueeze(-1)).squeeze(-1).tolist()
-        is_max = (logits.argmax(-1) == wanted).tolist()
+        picked = logprobs.gather(-1, wanted.unsqueeze(-1)).squeeze(-1).tolist()
+        is_max = (logprobs.argmax(-1) == wanted).tolist()
+        if top:
+            values, ids = logprobs.topk(top, dim=-1)
+            tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
         rows_of = scored.nonzero()[:, 0].add(start).tolist()
-        for row, segment, value, top in zip(rows_of, segments[scored].tolist(), picked, is_max, strict=True):
-            i = members[row][segment]
-            sums[i] += value
-            greedy[i] = greedy[i] and top
+        # Targets come in order within each row, so each pair's tokens are appended in order.
+        for n, (row, segment) in enumerate(zip(rows_of, segments[scored].tolist(), strict=True)):
+            s = scores[members[row][segment]]
+            s.logprobs.append(picked[n])
+            s.greedy.append(is_max[n])
+            if top:
+                s.top.append(tops[n])
         if progress is not None:
             progress(sum(len(members[start + r]) for r in range(chunk.shape[0])))
     model.train(was_training)
-    return list(zip(sums, greedy, strict=True))
+    return scores
+
+
+def score_continuations(
+    model: KimbhoV1Model,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the continuation's log-likelihood given the
+    context (nats), and whether greedy decoding would have produced it."""
+    return [(sum(s.logprobs), all(s.greedy)) for s in score_tokens(model, pairs, progress=progress)]
 
 
 def score_multiple_choice(

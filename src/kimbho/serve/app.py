@@ -3,6 +3,9 @@
     GET  /v1/models            the served model
     POST /v1/completions       text (or token ids) in, continuations out
     POST /v1/chat/completions  messages in, the assistant's reply out
+    POST /tokenize             text in, token ids out; POST /detokenize the reverse
+    GET  /tokenizer_info       special tokens and chat template (with the two above: what
+                               lm-evaluation-harness's remote tokenizer needs, as vLLM serves it)
     GET  /health               liveness, never behind the API key
     GET  /                     the playground page
 
@@ -34,6 +37,8 @@ from .auth import Guard
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     describe_validation_error,
     error_body,
 )
@@ -142,6 +147,18 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await service.chat(body, request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await service.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return service.detokenize(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return service.tokenizer_info()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:

@@ -87,11 +87,15 @@ class CompletionRequest(_Sampling):
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     ) = Field(description="a string, a list of strings, a list of token ids, or a list of those")
-    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, description="new tokens at most (default 16)")
+    max_tokens: int | None = Field(
+        DEFAULT_MAX_TOKENS,
+        ge=0,
+        description="new tokens at most (default 16); 0 with echo and logprobs scores the prompt only",
+    )
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="log-probs of the k likeliest tokens"
     )
-    echo: bool = False
+    echo: bool = False  # with logprobs: the prompt's tokens and their log-probabilities come first
 
 
 class ContentPart(BaseModel):
@@ -118,6 +122,25 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name of max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape, which lm-evaluation-harness's remote tokenizer reads)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: Text
+    add_special_tokens: bool = Field(False, description="Kimbho's tokenizers add none either way")
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize"""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
 
 
 def error_body(

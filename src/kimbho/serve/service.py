@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError, RequestError
+from ..evaluation.tasks import TokenScores
 from ..inference.chat import ChatFormat
 from ..inference.engine import Engine, TokenEvent
 from ..inference.engine import Request as EngineRequest
@@ -25,6 +26,8 @@ from .protocol import (
     DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     _Sampling,
     error_body,
 )
@@ -113,33 +116,83 @@ class Service:
         self.check_model(body.model)
         prompts = await _off_the_loop(self._prompt_ids, body.prompt, "tokenizing the prompt", "prompt")
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
+        # echo with logprobs scores the prompt itself, as OpenAI's legacy completions did: what
+        # lm-evaluation-harness's local-completions model asks to compute log-likelihoods.
+        score_prompt = body.echo and body.logprobs is not None
+        if max_tokens == 0 and not score_prompt:
+            raise APIError(
+                400,
+                "max_tokens: 0 generates nothing; it is for scoring a prompt with echo: true and logprobs",
+                "max_tokens",
+            )
+        if score_prompt and body.stream:
+            raise APIError(
+                400, "echo with logprobs scores the prompt in one response: send stream: false", "stream"
+            )
         requests = [self._engine_request(body, ids, max_tokens, body.logprobs) for ids in prompts]
-        job = self._submit(requests)
         kind = {"object": "text_completion", "id": f"cmpl-{uuid.uuid4().hex}"}
         echo = [self.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
         n = body.n
-
-        def choice(i: int, text: str, events: list[TokenEvent], finish: str | None) -> dict[str, Any]:
-            logprobs = self._completion_logprobs(events) if body.logprobs is not None else None
-            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
         if body.stream:
-            return self._sse(
-                job,
-                body,
-                requests,
-                kind,
-                lambda p, e, first: choice(
-                    p * n + e.index, (echo[p] if first else "") + e.text, [e], e.finish_reason
-                ),
-            )
-        outputs = await self._collect(job, requests, request)
-        choices = [
-            choice(p * n + i, echo[p] + "".join(e.text for e in events), events, _finish(events))
-            for p, samples in enumerate(outputs)
-            for i, events in enumerate(samples)
-        ]
+            job = self._submit(requests)
+
+            def chunk(p: int, e: TokenEvent, first: bool) -> dict[str, Any]:
+                logprobs = self._completion_logprobs([e]) if body.logprobs is not None else None
+                text = (echo[p] if first else "") + e.text
+                return {
+                    "index": p * n + e.index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": e.finish_reason,
+                }
+
+            return self._sse(job, body, requests, kind, chunk)
+        prompt_scores = await self._score_prompts(prompts, body.logprobs or 0) if score_prompt else None
+        if max_tokens:
+            outputs = await self._collect(self._submit(requests), requests, request)
+        else:
+            outputs = [[[] for _ in range(n)] for _ in prompts]
+        choices = []
+        for p, samples in enumerate(outputs):
+            for i, events in enumerate(samples):
+                text = "".join(e.text for e in events)
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = self._completion_logprobs(events)
+                    if prompt_scores is not None:
+                        prompt_part = self._prompt_logprobs(prompts[p], prompt_scores[p])
+                        logprobs = _joined(prompt_part, logprobs, len(echo[p]))
+                finish = _finish(events) if max_tokens else "length"
+                choices.append(
+                    {
+                        "index": p * n + i,
+                        "text": echo[p] + text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                    }
+                )
         return self._response(kind, choices, requests, outputs)
+
+    async def _score_prompts(self, prompts: list[list[int]], top: int) -> list[TokenScores]:
+        """Every prompt token's log-probability given the tokens before it (and the `top`
+        likeliest there), computed on the engine's thread."""
+        from ..evaluation.tasks import score_tokens
+
+        model = self.engine.model
+        pairs = [(ids[:1], ids[1:]) for ids in prompts]
+        try:
+            future = self.worker.call(lambda: score_tokens(model, pairs, top))
+        except QueueFull as e:
+            raise APIError(429, f"{e}; retry shortly", None, "rate_limit_error") from None
+        try:
+            return await asyncio.wait_for(future, self.options.timeout)
+        except asyncio.TimeoutError:
+            raise APIError(
+                408,
+                f"scoring took longer than the server's timeout of {self.options.timeout:g} s",
+                None,
+                "timeout",
+            ) from None
 
     # Chat.
 
@@ -199,6 +252,34 @@ class Service:
             for i, events in enumerate(outputs[0])
         ]
         return self._response(kind, choices, [request_], outputs)
+
+    # The tokenizer, for clients that count or score tokens themselves.
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """Special-token text becomes its token, as vLLM's /tokenize (and Hugging Face) read it."""
+        self.check_model(body.model)
+        ids = await _off_the_loop(
+            self.tokenizer.encode_marked, body.prompt, "tokenizing the prompt", "prompt"
+        )
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_len}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        bad = next((t for t in body.tokens if t >= self.vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the model's vocabulary of {self.vocab}", "tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        from ..interop.keymap import special_tokens
+
+        specials = special_tokens(self.tokenizer)
+        return {
+            **{f"{role}_token": text for role, (text, _) in specials.items()},
+            "chat_template": self.chat_format.jinja if self.chat_format is not None else None,
+            "model_max_length": self.engine.max_len,
+            "vocab_size": self.vocab,
+        }
 
     # Requests.
 
@@ -389,16 +470,32 @@ class Service:
         return raw.decode("utf-8", errors="replace"), list(raw)
 
     def _completion_logprobs(self, events: list[TokenEvent]) -> dict[str, Any]:
-        """The legacy completions format: parallel lists per token."""
-        tokens, offsets, offset = [], [], 0
+        """The legacy completions format: parallel lists per generated token."""
+        offsets, offset = [], 0
         for e in events:
-            tokens.append(self._token_text(e.token)[0])
             offsets.append(offset)
             offset += len(e.text)
         return {
-            "tokens": tokens,
+            "tokens": [self._token_text(e.token)[0] for e in events],
             "token_logprobs": [e.logprob for e in events],
             "top_logprobs": [{self._token_text(t)[0]: lp for t, lp in e.top_logprobs or []} for e in events],
+            "text_offset": offsets,
+        }
+
+    def _prompt_logprobs(self, ids: list[int], scores: TokenScores) -> dict[str, Any]:
+        """The same lists for the prompt's tokens; the first has no context, so no log-probability."""
+        stream = self.tokenizer.text_stream()
+        offsets, offset = [], 0
+        for token in ids:
+            offsets.append(offset)
+            offset += len(stream.push(token))
+        tops = [{self._token_text(t)[0]: lp for t, lp in top} for top in scores.top] or [{}] * len(
+            scores.logprobs
+        )
+        return {
+            "tokens": [self._token_text(t)[0] for t in ids],
+            "token_logprobs": [None, *scores.logprobs],
+            "top_logprobs": [None, *tops],
             "text_offset": offsets,
         }
 
@@ -411,6 +508,16 @@ class Service:
             {**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs or []]}
             for e in events
         ]
+
+
+def _joined(prompt: dict[str, Any], generated: dict[str, Any], end: int) -> dict[str, Any]:
+    """The prompt's logprobs lists followed by the generated tokens' (whose text starts at `end`)."""
+    return {
+        "tokens": prompt["tokens"] + generated["tokens"],
+        "token_logprobs": prompt["token_logprobs"] + generated["token_logprobs"],
+        "top_logprobs": prompt["top_logprobs"] + generated["top_logprobs"],
+        "text_offset": prompt["text_offset"] + [end + o for o in generated["text_offset"]],
+    }
 
 
 def _finish(events: list[TokenEvent]) -> str | None:

@@ -8,7 +8,8 @@ bounded queue; a full queue refuses new jobs (the server answers 429). Cancellin
 client went away, or it timed out) frees its slots before the next step.
 
 The engine is only ever touched by this thread, so it needs no locks; the queue and the cancel
-list are shared and guarded by one condition variable.
+list are shared and guarded by one condition variable. Other work on the model (scoring a
+prompt's tokens) is handed to the thread with `call` and runs between two steps.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from ..errors import KimbhoError
 from ..inference.engine import Engine, Request, TokenEvent
 
 log = logging.getLogger("kimbho")
+
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -73,6 +77,7 @@ class Worker:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._to_cancel: list[Job] = []
+        self._calls: deque[tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]] = deque()
         self._jobs: dict[int, Job] = {}  # engine request id -> its job (worker thread only)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="kimbho-engine", daemon=True)
@@ -101,6 +106,21 @@ class Worker:
             self._cond.notify()
         return job
 
+    def call(self, work: Callable[[], T]) -> asyncio.Future[T]:
+        """Run `work()` on the engine's thread between two steps (the model is used by one thread
+        at a time); the future, on the calling event loop, gets its result or exception. Raises
+        `QueueFull` when as many jobs and calls wait as the queue holds."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._cond:
+            if len(self._waiting) + len(self._calls) >= self.max_queue:
+                raise QueueFull(
+                    f"the server is busy: {len(self._waiting) + len(self._calls)} requests are waiting"
+                )
+            self._calls.append((work, future, loop))
+            self._cond.notify()
+        return future
+
     def cancel(self, job: Job) -> None:
         """Stop `job`'s generation and free its slots (safe to call more than once). A job still
         waiting leaves the queue at once, even while the engine is busy with a step."""
@@ -121,11 +141,14 @@ class Worker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stop or self._waiting or self._to_cancel or self.engine.busy):
+                while not (self._stop or self._waiting or self._to_cancel or self._calls or self.engine.busy):
                     self._cond.wait()
                 if self._stop:
                     return
                 cancels, self._to_cancel = self._to_cancel, []
+                calls, self._calls = self._calls, deque()
+            for work, future, loop in calls:
+                _settle(future, loop, work)
             try:
                 for job in cancels:
                     self._drop(job)
@@ -195,3 +218,20 @@ class Worker:
             if self._jobs.pop(engine_id, None) is not None:
                 self.engine.cancel(engine_id)
         self.stats.cancelled += 1
+
+
+def _settle(future: asyncio.Future, loop: asyncio.AbstractEventLoop, work: Callable[[], Any]) -> None:
+    """Run `work` and hand its outcome to `future` on its loop (unless its caller gave up)."""
+
+    def deliver(method: str, value: Any) -> None:
+        if not future.done():  # cancelled: the request timed out or its client went away
+            getattr(future, method)(value)
+
+    try:
+        outcome: tuple[str, Any] = ("set_result", work())
+    except Exception as e:
+        outcome = ("set_exception", e)
+    try:
+        loop.call_soon_threadsafe(deliver, *outcome)
+    except RuntimeError:  # the event loop is closed: the server is shutting down
+        pass
