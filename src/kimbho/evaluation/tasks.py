@@ -167,7 +167,7 @@ def score_tokens(
     model: KimbhoV1Model,
     pairs: Sequence[tuple[list[int], list[int]]],
     top: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[TokenScores]:
     """The scores of each (context ids, continuation ids) pair's continuation tokens. Pairs are
     packed into rows of the model's context, each attending only to itself, and the head runs
@@ -212,7 +212,7 @@ def score_tokens(
 def score_continuations(
     model: KimbhoV1Model,
     pairs: Sequence[tuple[list[int], list[int]]],
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the continuation's log-likelihood given the
     context (nats), and whether greedy decoding would have produced it."""
@@ -223,7 +223,7 @@ def score_multiple_choice(
     model: KimbhoV1Model,
     tokenizer: Tokenizer,
     items: Sequence[MultipleChoice],
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, Any]:
     """Accuracy (per-character normalised, as `score`; raw as `acc`), centred accuracy, and the
     log-likelihoods of every choice."""
@@ -276,7 +276,7 @@ def score_generative(
     items: Sequence[Generative],
     chat: Any,
     max_new_tokens: int,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, Any]:
     """Exact match of the greedy replies, generated together by the engine."""
     from ..inference.engine import Engine, Request
