@@ -6,13 +6,16 @@ completion on the GGUF export (when `llama_cpp` is installed: `make llama-cpp`).
 
     python bench/finetune_behaviour.py                    # the built-in corpus, ~30 minutes on 2 cores
     python bench/finetune_behaviour.py --base RUN_DIR     # reuse a pretrained base
+    python bench/finetune_behaviour.py --work DIR --reuse # score the runs DIR already holds
 
 The behaviour: "Shout: W1 W2 W3" -> "Sure: W1! W2! W3!", for 1 to 3 words the tokenizer spells as
 one token each, copied exactly and in order. The 100 held-out prompts name word sequences that no
 fine-tuning conversation contains, so the score measures the format learnt and the words
 copied, not memorised replies. Every stage runs as a user would run it: `kimbho
 prepare`, `kimbho train`, `kimbho finetune`, `kimbho serve` (child processes), and the score is
-the exact match of the greedy reply. The base model's score is measured the same way.
+the exact match of the greedy reply. The base model's score is measured the same way. The
+held-out prompts are also written as a task file (chat messages and the expected reply) and
+scored with `kimbho eval MODEL --task`, for every model.
 """
 
 from __future__ import annotations
@@ -211,6 +214,11 @@ def main() -> None:
     parser.add_argument(
         "--base", type=Path, default=None, help="a base run to reuse instead of pretraining one"
     )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the fine-tuned runs already in --work rather than redo them",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kimbho-ft-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -252,10 +260,18 @@ def main() -> None:
         ]  # fmt: skip
     meta = {}
     for name, options in runs.items():
-        start = time.perf_counter()
-        kimbho("finetune", base, "--data", chat, "--out", work / name, *options)
-        timings[f"{name}_sec"] = time.perf_counter() - start
+        if not (args.reuse and (work / name / "checkpoints").is_dir()):
+            start = time.perf_counter()
+            kimbho("finetune", base, "--data", chat, "--out", work / name, *options)
+            timings[f"{name}_sec"] = time.perf_counter() - start
         meta = json.loads((work / name / "data" / "meta.json").read_text())
+    task = work / "held_out_task.jsonl"
+    task.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": p}], "answer": e}) + "\n"
+            for p, e in zip(prompts, expected, strict=True)
+        )
+    )
 
     results: dict[str, object] = {
         "cpu": cpu_name(),
@@ -265,6 +281,8 @@ def main() -> None:
     }
     for name, model in (("base", base), *((n, work / n) for n in runs)):
         results[name] = found = score(model, prompts, expected, runtimes=name != "base")
+        found["eval_task"] = json.loads(kimbho("eval", model, "--task", task).stdout.splitlines()[0])
+        found["exact_match"]["kimbho eval --task"] = found["eval_task"]["score"]  # type: ignore[index]
         em = ", ".join(f"{k} {v:.2f}" for k, v in found["exact_match"].items())  # type: ignore[attr-defined]
         print(
             f"{name:>4}: exact match {em} on {len(prompts)} held-out prompts, e.g. {found['examples'][0]!r}"
