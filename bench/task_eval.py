@@ -7,7 +7,8 @@ the same items, model and machine.
 The loop runs each query + choice at its own length, unpadded. The model is the `small` preset (random weights: the work does not depend on them) with a BPE
 trained on the corpus; items are corpus lines as queries and the next line's words (the gold)
 among lines drawn elsewhere, as in a cloze task. Both ways give the same log-likelihoods
-(checked); the ratio of choices per second is printed.
+(checked); the ratio of choices per second is printed. The same items with their gold drawn at
+random (a task no model can do better than chance on) check that `centered` is then about 0.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def main() -> None:
     start = time.perf_counter()
     alone = [one_at_a_time(model, ctx, cont) for ctx, cont in pairs]
     alone_sec = time.perf_counter() - start
+    rng = random.Random(1)
+    shuffled = [MultipleChoice(i.query, i.choices, rng.randrange(len(i.choices)), i.where) for i in items]
+    chance = score_multiple_choice(model, tokenizer, shuffled)
     flat = [v for values in packed["loglikelihoods"] for v in values]
     worst = max(abs(a - b) for a, b in zip(flat, alone, strict=True))
     results = {
@@ -81,11 +85,13 @@ def main() -> None:
         "one_at_a_time_choices_per_sec": len(pairs) / alone_sec,
         "speedup": alone_sec / packed_sec,
         "max_loglik_diff": worst,
+        "random_gold_centered": chance["centered"],
     }
     print(
         f"{len(pairs)} choices of {len(items)} items, `small` preset on {results['cpu']}: packed "
         f"{results['packed_choices_per_sec']:.1f} choices/s, one at a time {results['one_at_a_time_choices_per_sec']:.1f}: "
-        f"{results['speedup']:.2f}x (log-likelihoods agree to {worst:.1e})"
+        f"{results['speedup']:.2f}x (log-likelihoods agree to {worst:.1e}); gold drawn at random: "
+        f"centered {chance['centered']:+.3f}"
     )
     save_results(RESULTS / "task_eval.json", results)
 

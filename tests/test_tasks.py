@@ -57,6 +57,32 @@ def test_scoring_many_pairs_together_gives_each_the_score_it_gets_alone(trained_
         assert abs(value - alone) < 1e-4 and greedy == alone_greedy
 
 
+def test_continuations_sharing_a_context_score_as_they_do_alone(trained_run: Path) -> None:
+    """The shared query is computed once per row; every continuation still sees exactly its
+    query and itself, also when a context has more continuations than one row holds."""
+    model, tokenizer = kimbho.load(trained_run)
+    rng = random.Random(2)
+    words = TEXT.split()
+    contexts = [tokenizer.encode(" ".join(words[: rng.randint(1, 10)])) for _ in range(4)]
+    pairs = [
+        (ctx, tokenizer.encode(" " + " ".join(rng.sample(words, rng.randint(1, 4)))))
+        for ctx in contexts
+        for _ in range(12)
+    ]
+    together = score_continuations(model, pairs)
+    for pair, (value, greedy) in zip(pairs, together, strict=True):
+        [(alone, alone_greedy)] = score_continuations(model, [pair])
+        assert abs(value - alone) < 1e-4 and greedy == alone_greedy
+    # A context whose continuations overflow one row of the model's context is split over rows.
+    ctx = contexts[0]
+    long = [
+        (ctx, tokenizer.encode(" " + " ".join(rng.sample(words, 6))))
+        for _ in range(3 * model.config.max_seq_len // 6)
+    ]
+    for pair, (value, _) in zip(long, score_continuations(model, long), strict=True):
+        assert abs(value - score_continuations(model, [pair])[0][0]) < 1e-4
+
+
 def test_multiple_choice_finds_the_real_continuation_and_chance_scores_near_zero(trained_run: Path) -> None:
     model, tokenizer = kimbho.load(trained_run)
     from pydoc_data.topics import topics

@@ -82,28 +82,33 @@ def tokenize(
     return examples, skipped
 
 
+def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of at most `capacity` for items of `lengths` (each at most `capacity`), best-fit
+    decreasing: each item, longest first, goes to the fullest bin it fits. The indices per bin."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin), sorted: the fullest bin that fits by bisection
+    for i in order:
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            bins.append([i])
+            row, left = len(bins) - 1, capacity - lengths[i]
+        else:
+            left, row = free.pop(at)
+            bins[row].append(i)
+            left -= lengths[i]
+        if left > 0:
+            bisect.insort(free, (left, row))
+    return bins
+
+
 def pack(examples: Sequence[Example], seq_len: int) -> tuple[np.ndarray, list[list[int]]]:
     """Rows (n, 4, seq_len) int32 of inputs, targets, positions and segments, best-fit decreasing,
     and the examples of each row by segment (row r's segment s is `examples[members[r][s]]`).
     An example of L ids fills L - 1 positions: it predicts ids[1:] from ids[:-1]. Padding predicts
     nothing and is a segment of its own."""
     lengths = [len(e.ids) - 1 for e in examples]
-    order = sorted(range(len(examples)), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []  # example indices per row
-    free: list[
-        tuple[int, int]
-    ] = []  # (space left, row), sorted: the fullest row that fits is found by bisection
-    for i in order:
-        at = bisect.bisect_left(free, (lengths[i], -1))
-        if at == len(free):
-            rows.append([i])
-            row, left = len(rows) - 1, seq_len - lengths[i]
-        else:
-            left, row = free.pop(at)
-            rows[row].append(i)
-            left -= lengths[i]
-        if left > 0:
-            bisect.insort(free, (left, row))
+    rows = best_fit(lengths, seq_len)
     out = np.zeros((len(rows), 4, seq_len), dtype=np.int32)
     out[:, _TARGETS] = IGNORE
     for r, members in enumerate(rows):

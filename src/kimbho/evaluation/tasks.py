@@ -11,7 +11,8 @@ appended to the query as it is: put the separating space in the choice, " yes");
 right when the gold choice has the highest log-likelihood per character (lm-evaluation-harness's
 `acc_norm`). `centered` rescales accuracy so that chance (1 / number of choices) is 0 and perfect
 is 1. All choices of all items are scored together: packed into rows of the model's context,
-each attending only to its own query, one forward pass per batch of rows.
+each item's query once and its choices after it, each choice attending only to its own query
+and itself, one forward pass per batch of rows.
 
 Generative items are answered greedily (a plain prompt's reply ends at a newline or end-of-text,
 a chat reply at the end of its turn) and scored by exact match, whitespace and case normalised.
@@ -26,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..data.chat_data import Example, pack
+from ..data.chat_data import best_fit
 from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model
@@ -162,6 +164,80 @@ class TokenScores:
     top: list[list[tuple[int, float]]]
 
 
+@dataclass(frozen=True)
+class _Group:
+    """Continuations of one context, scored together: the context's ids but the last once (the
+    query segment), then per continuation the context's last id and the continuation's ids but
+    its last (a branch that sees the query segment and itself, its positions continuing it)."""
+
+    context: tuple[int, ...]
+    members: tuple[int, ...]  # pair indices
+    length: int  # positions it fills
+
+
+def _groups(pairs: Sequence[tuple[list[int], list[int]]], seq_len: int) -> list[_Group]:
+    """The pairs grouped by context, each group fitting a row (a context with more
+    continuations than fit one row becomes several groups)."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        if not ctx:
+            raise KimbhoError("a continuation is scored after at least one token (end-of-text for none)")
+        if len(ctx) + len(cont) > seq_len + 1:
+            raise KimbhoError(
+                f"{len(ctx)} context + {len(cont)} continuation tokens do not fit the model's context of {seq_len} (+1)"
+            )
+        if cont:  # an empty continuation has nothing to score
+            by_context.setdefault(tuple(ctx), []).append(i)
+    groups = []
+    for context, members in by_context.items():
+        chosen: list[int] = []
+        used = len(context) - 1
+        for i in members:
+            if chosen and used + len(pairs[i][1]) > seq_len:
+                groups.append(_Group(context, tuple(chosen), used))
+                chosen, used = [], len(context) - 1
+            chosen.append(i)
+            used += len(pairs[i][1])
+        groups.append(_Group(context, tuple(chosen), used))
+    return groups
+
+
+def _pack_groups(
+    groups: Sequence[_Group], pairs: Sequence[tuple[list[int], list[int]]], seq_len: int
+) -> tuple[np.ndarray, list[dict[int, int]]]:
+    """Rows (n, 5, seq_len) of inputs, targets, positions, segments and prefixes (see
+    `KimbhoV1Model.features`), best-fit decreasing, and per row the pair index of each branch
+    segment."""
+    rows = best_fit([g.length for g in groups], seq_len)
+    out = np.zeros((len(rows), 5, seq_len), dtype=np.int64)
+    out[:, 1] = IGNORE
+    owners: list[dict[int, int]] = []
+    for r, members in enumerate(rows):
+        at, segment, owner = 0, 0, {}
+        for g in (groups[m] for m in members):
+            query = len(g.context) - 1
+            out[r, 0, at : at + query] = g.context[:-1]
+            out[r, 2, at : at + query] = np.arange(query)
+            out[r, 3:5, at : at + query] = segment
+            prefix, at = segment, at + query
+            for i in g.members:
+                segment += 1
+                cont = pairs[i][1]
+                n = len(cont)
+                out[r, 0, at : at + n] = [g.context[-1], *cont[:-1]]
+                out[r, 1, at : at + n] = cont
+                out[r, 2, at : at + n] = np.arange(query, query + n)
+                out[r, 3, at : at + n] = segment
+                out[r, 4, at : at + n] = prefix
+                owner[segment] = i
+                at += n
+            segment += 1
+        out[r, 3:5, at:] = segment  # padding: a segment of its own
+        out[r, 2, at:] = np.arange(seq_len - at)
+        owners.append(owner)
+    return out, owners
+
+
 @torch.no_grad()
 def score_tokens(
     model: KimbhoV1Model,
@@ -170,24 +246,21 @@ def score_tokens(
     progress: Callable[[int], object] | None = None,
 ) -> list[TokenScores]:
     """The scores of each (context ids, continuation ids) pair's continuation tokens. Pairs are
-    packed into rows of the model's context, each attending only to itself, and the head runs
-    only at the continuations' positions. `progress(n)` counts pairs done."""
+    packed into rows of the model's context; the pairs of one context share it (computed once,
+    each continuation attending to it and to itself only), and the head runs only at the
+    continuations' positions. `progress(n)` counts pairs done."""
     seq_len = model.config.max_seq_len
-    examples = [
-        Example([*ctx, *cont], [False] * len(ctx) + [True] * len(cont), str(i))
-        for i, (ctx, cont) in enumerate(pairs)
-    ]
-    rows, members = pack(examples, seq_len)
+    rows, owners = _pack_groups(_groups(pairs, seq_len), pairs, seq_len)
     device = model.embed.weight.device
     per_pass = max(1, _LOGITS_PER_PASS // (seq_len * model.config.vocab_size))
     scores = [TokenScores([], [], []) for _ in pairs]
     was_training = model.training
     model.eval()
     for start in range(0, len(rows), per_pass):
-        chunk = torch.from_numpy(rows[start : start + per_pass]).long().to(device)
-        inputs, targets, positions, segments = chunk.unbind(1)
+        chunk = torch.from_numpy(rows[start : start + per_pass]).to(device)
+        inputs, targets, positions, segments, prefixes = chunk.unbind(1)
         scored = targets != IGNORE
-        hidden = model.features(inputs, positions=positions, segments=segments)[scored]
+        hidden = model.features(inputs, positions=positions, segments=segments, prefixes=prefixes)[scored]
         logprobs = torch.log_softmax(model.head(hidden).float(), dim=-1)
         wanted = targets[scored]
         picked = logprobs.gather(-1, wanted.unsqueeze(-1)).squeeze(-1).tolist()
@@ -198,13 +271,13 @@ def score_tokens(
         rows_of = scored.nonzero()[:, 0].add(start).tolist()
         # Targets come in order within each row, so each pair's tokens are appended in order.
         for n, (row, segment) in enumerate(zip(rows_of, segments[scored].tolist(), strict=True)):
-            s = scores[members[row][segment]]
+            s = scores[owners[row][segment]]
             s.logprobs.append(picked[n])
             s.greedy.append(is_max[n])
             if top:
                 s.top.append(tops[n])
         if progress is not None:
-            progress(sum(len(members[start + r]) for r in range(chunk.shape[0])))
+            progress(sum(len(owners[start + r]) for r in range(chunk.shape[0])))
     model.train(was_training)
     return scores
 

@@ -265,9 +265,12 @@ class KimbhoV1Model(nn.Module):
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
         segments: torch.Tensor | None = None,
+        prefixes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, emb_dim), before the head. `segments`: packed
-        rows, as for `forward`.
+        rows, as for `forward`; `prefixes` (B, T), with them, names for each token one more
+        segment it sees (earlier in the row: a query that several continuations share, each
+        continuing its positions), or its own segment for none.
 
         With a cache, token (b, t) sits at position `positions[b, t]`: its key and value are
         stored there and it attends to every cached position up to its own. Rows are independent,
@@ -277,7 +280,7 @@ class KimbhoV1Model(nn.Module):
         Generation's entry point (it applies the head itself); FSDP gathers the weights for it as
         for `forward` (`training/distributed.py`). `forward` calls `_hidden` directly, so one
         training forward pass gathers once."""
-        return self._hidden(input_ids, cache, positions, kv_len, segments=segments)
+        return self._hidden(input_ids, cache, positions, kv_len, segments=segments, prefixes=prefixes)
 
     def forward(
         self,
@@ -310,6 +313,7 @@ class KimbhoV1Model(nn.Module):
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
         segments: torch.Tensor | None = None,
+        prefixes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The body `features` and `forward` share (see both)."""
         if input_ids.dim() != 2:
@@ -333,9 +337,12 @@ class KimbhoV1Model(nn.Module):
                         "packed rows need positions and segments of input_ids' (batch, seq_len) shape"
                     )
                 cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-                # Causal within a segment, blind across segments: (B, 1, T, T).
+                # Causal within a segment (and its prefix), blind across the others: (B, 1, T, T).
                 causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-                mask = (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
+                seen = segments[:, :, None] == segments[:, None, :]
+                if prefixes is not None:
+                    seen |= prefixes[:, :, None] == segments[:, None, :]
+                mask = (causal & seen).unsqueeze(1)
         else:
             if positions is None or positions.shape != input_ids.shape:
                 raise KimbhoError(
