@@ -401,7 +401,9 @@ def test_a_slow_chat_template_neither_stalls_the_server_nor_runs_unbounded(token
     print(
         f"\n/health while a slow template renders: median {sorted(latencies)[5] * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
     )
-    assert max(latencies) < 0.25  # 100 ms on a quiet machine; slack for a shared one
+    # ~70 ms each on a quiet machine (one 585 ms outlier seen): a blocked loop would wait out the
+    # whole ~2 s render.
+    assert max(latencies) < 1.5
     r = result["r"]
     assert r.status_code == 400 and "took longer than 0.5 s" in r.json()["error"]["message"], r.text
 

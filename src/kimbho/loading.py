@@ -33,6 +33,17 @@ from .storage.files import read_mapping, sha256_of_file
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # HF's and Kimbho's names
 
 
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """A tokenizer.json file, or the tokenizer of a MODEL (run, checkpoint or Hugging Face directory)."""
+    if Path(path).is_file():
+        return Tokenizer.from_file(path)
+    ckpt = resolve_checkpoint(path)
+    tokenizer_path = ckpt / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        tokenizer_path = ckpt.parent.parent / "tokenizer.json"  # checkpoints/step-N/ -> run dir
+    return Tokenizer.from_file(tokenizer_path)
+
+
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A checkpoint directory from a run directory (its newest checkpoint) or a checkpoint directory."""
     p = Path(path)
@@ -75,10 +86,7 @@ def load(
             expected = KimbhoV1Model(config)
         model = KimbhoV1Model.from_weights(config, read_weights(ckpt, expected))
         stored = _stored_dtype(ckpt / "model.safetensors")
-        tokenizer_path = ckpt / "tokenizer.json"
-        if not tokenizer_path.is_file():
-            tokenizer_path = ckpt.parent.parent / "tokenizer.json"  # checkpoints/step-N/ -> run dir
-        tokenizer = Tokenizer.from_file(tokenizer_path)
+        tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise KimbhoError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model was built for {model.config.vocab_size}"

@@ -10,10 +10,10 @@ import os
 import sys
 
 from ..errors import KimbhoError, ReportedElsewhere
-from . import demo, evaluate, export, finetune, generate, prepare, serve, tokenizer, train
+from . import demo, evaluate, export, finetune, generate, index, prepare, serve, tokenizer, train
 
 # One module per command, each with its `add_parser`; listed in the order `--help` shows them.
-COMMANDS = (tokenizer, prepare, train, finetune, generate, evaluate, serve, export, demo)
+COMMANDS = (tokenizer, prepare, train, finetune, generate, evaluate, index, serve, export, demo)
 
 log = logging.getLogger("kimbho")
 

@@ -37,3 +37,21 @@ def add_inference_options(
 INPUTS_HELP = (
     "text file, directory (recursive), glob or .jsonl; default: the built-in corpus (CPython's docs)"
 )
+
+
+def add_retriever_options(parser: argparse.ArgumentParser, index_help: str | None = None) -> None:
+    """--k and --retriever (and, given `index_help`, --index): retrieval as `generate`, `serve`,
+    `finetune` and `index search` take it."""
+    from ..retrieval import DEFAULT_K, DEFAULT_RETRIEVER
+
+    if index_help is not None:
+        parser.add_argument("--index", metavar="INDEX_DIR", help=index_help)
+    parser.add_argument(
+        "--k", type=int, default=DEFAULT_K, metavar="K", help=f"passages to retrieve (default {DEFAULT_K})"
+    )
+    parser.add_argument(
+        "--retriever",
+        default=DEFAULT_RETRIEVER,
+        metavar="NAME",
+        help=f"{DEFAULT_RETRIEVER} (the index's BM25, default) or a plugin's, from the kimbho.retrievers entry points",
+    )

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..errors import KimbhoError
+from .common import add_retriever_options
 
 log = logging.getLogger("kimbho")
 
@@ -67,6 +68,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     seq_len = run.train.seq_len or model.config.max_seq_len
     del model  # the trainer loads its own copy
+    augmenter = None
+    if args.index is not None or args.retriever != "bm25":
+        from ..retrieval import open_retriever
+        from ..retrieval.augment import Augmenter
+
+        augmenter = Augmenter(open_retriever(args.index, args.retriever), args.k, tokenizer, chat, seq_len)
     # Under torchrun the first process prepares the data and the others wait for it.
     world = distributed.setup(pick_device(run.train.device), run.train.dist_timeout)
     data_dir = out / "data"
@@ -75,7 +82,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             if args.resume and (data_dir / "meta.json").is_file():
                 _check_same_inputs(data_dir, args.data)
             else:
-                prepare_chat(args.data, tokenizer, chat, data_dir, seq_len, args.val_fraction, force=True)
+                prepare_chat(
+                    args.data,
+                    tokenizer,
+                    chat,
+                    data_dir,
+                    seq_len,
+                    args.val_fraction,
+                    force=True,
+                    augmenter=augmenter,
+                )
     meta = load_meta(data_dir, (FORMAT,))
     train_info = meta["splits"]["train"]
     if world.is_main:
@@ -195,6 +211,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     ft.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint in RUN_DIR"
+    )
+    add_retriever_options(
+        ft,
+        "train to answer from retrieved passages: each conversation's last user message gets the passages "
+        "found for it in this index, as `serve --index` gives them",
     )
     ft.add_argument("overrides", nargs="*", metavar="key=value")
     ft.set_defaults(func=cmd_finetune)

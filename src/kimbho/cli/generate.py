@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import KimbhoError
-from .common import add_inference_options, load_model
+from .common import add_inference_options, add_retriever_options, load_model
 
 if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
     from ..inference.chat import ChatFormat
+    from ..retrieval.augment import Augmenter
 
 log = logging.getLogger("kimbho")
 
@@ -49,17 +50,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     model, tokenizer = load_model(args)
     chat = _chat_format(args, tokenizer) if args.chat or args.system is not None else None
+    augmenter = _augmenter(args, tokenizer, chat, model.config.max_seq_len)
     # A chat is one conversation: each prompt is the next user turn, each reply joins it.
     history = [{"role": "system", "content": args.system}] if args.system is not None else []
 
     def respond(prompt: str) -> None:
         if chat is None:
-            _print_generation(stream(model, tokenizer, prompt, **options), prompt, args.stream)
+            seen, passages = augmenter.prompt(prompt, args.max_new_tokens) if augmenter else (prompt, [])
+            _print_generation(stream(model, tokenizer, seen, **options), prompt, args.stream)
+            _print_sources(passages)
             return
         turn = {"role": "user", "content": prompt}
-        reply = _print_generation(
-            stream(model, tokenizer, [*history, turn], chat=chat, **options), "", args.stream
-        )
+        messages: list[dict] = [*history, turn]
+        passages = []
+        if augmenter is not None:
+            messages, passages = augmenter.messages(messages, args.max_new_tokens)
+        reply = _print_generation(stream(model, tokenizer, messages, chat=chat, **options), "", args.stream)
+        _print_sources(passages)
         history.extend([turn, {"role": "assistant", "content": reply}])
 
     if args.prompt is not None:
@@ -74,6 +81,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
             failed += 1
     if failed:
         raise KimbhoError(f"{failed} prompt(s) failed (see above)")
+
+
+def _augmenter(
+    args: argparse.Namespace, tokenizer: Tokenizer, chat: ChatFormat | None, context: int
+) -> Augmenter | None:
+    """Retrieval for --index (or a plugin retriever that needs no index), else None."""
+    if args.index is None and args.retriever == "bm25":
+        return None
+    from ..retrieval import open_retriever
+    from ..retrieval.augment import Augmenter
+
+    return Augmenter(open_retriever(args.index, args.retriever), args.k, tokenizer, chat, context)
+
+
+def _print_sources(passages: list) -> None:
+    """Where the retrieved passages the model was given came from, on stderr (stdout is the text)."""
+    if passages:
+        where = ", ".join(f"[{n}] {p.source}:{p.start}-{p.end}" for n, p in enumerate(passages, start=1))
+        print(f"kimbho: sources: {where}", file=sys.stderr, flush=True)
 
 
 def _chat_format(args: argparse.Namespace, tokenizer: Tokenizer) -> ChatFormat:
@@ -164,6 +190,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action="store_true",
         help="compile the decode step: a compile once per process, then several times the tokens/s on a CPU",
+    )
+    add_retriever_options(
+        gen, "answer from these documents: retrieve passages for the prompt (made by `kimbho index build`)"
     )
     add_inference_options(gen)
     gen.set_defaults(func=cmd_generate)

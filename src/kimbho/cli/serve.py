@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .common import add_inference_options
+from .common import add_inference_options, add_retriever_options
 
 log = logging.getLogger("kimbho")
 
@@ -25,6 +25,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_len=args.max_len,
         device=args.device,
         dtype=args.dtype,
+        index=args.index,
+        retriever=args.retriever,
+        k=args.k,
     )
 
 
@@ -70,6 +73,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help="tokens per slot, prompt + output (default: the context, at most 8192)",
+    )
+    add_retriever_options(
+        srv,
+        "answer chat from these documents: retrieve for the last user message (made by `kimbho index build`)",
     )
     add_inference_options(srv)
     srv.set_defaults(func=cmd_serve)

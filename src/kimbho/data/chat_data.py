@@ -42,6 +42,7 @@ from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # a chat format is the inference stage's; the data stage only calls it
     from ..inference.chat import ChatFormat
+    from ..retrieval.augment import Augmenter
 
 log = logging.getLogger("kimbho")
 
@@ -59,17 +60,22 @@ class Example:
 
 
 def tokenize(
-    conversations: Sequence[Conversation], chat_format: ChatFormat, seq_len: int
+    conversations: Sequence[Conversation],
+    chat_format: ChatFormat,
+    seq_len: int,
+    augmenter: Augmenter | None = None,
 ) -> tuple[list[Example], list[Skipped]]:
     """Each conversation through `chat_format.encode_conversation`; one longer than a row
     (seq_len + 1 ids: the row's inputs and its last target) is skipped, as is one whose format
-    refuses it."""
+    refuses it. With `augmenter`, the last user message of each first gets the passages
+    retrieved for it, as `serve --index` gives them."""
     examples, skipped = [], []
     for c in conversations:
         try:
-            ids, is_target = chat_format.encode_conversation(
-                [m.as_dict() for m in c.messages], [m.train for m in c.messages]
-            )
+            messages, targets = [m.as_dict() for m in c.messages], [m.train for m in c.messages]
+            if augmenter is not None:
+                messages = augmenter.conversation(messages, targets)[0]
+            ids, is_target = chat_format.encode_conversation(messages, targets)
         except KimbhoError as e:
             skipped.append(Skipped(c.where, str(e)))
             continue
@@ -136,14 +142,15 @@ def prepare_chat(
     seq_len: int,
     val_fraction: float = 0.05,
     force: bool = False,
+    augmenter: Augmenter | None = None,
 ) -> dict[str, Any]:
     """Read, tokenize, split (whole conversations, spread over the files) and pack the fine-tuning
     data into the chat data directory `out`, complete or absent. Skipped lines are reported in one
-    summary; nothing usable left is a KimbhoError."""
+    summary; nothing usable left is a KimbhoError. `augmenter`: retrieval (`finetune --index`)."""
     if not 0 <= val_fraction < 1:
         raise KimbhoError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     read = read_conversations(inputs)
-    examples, skipped = tokenize(read.conversations, chat_format, seq_len)
+    examples, skipped = tokenize(read.conversations, chat_format, seq_len, augmenter)
     skipped = read.skipped + skipped
     if not examples:
         raise KimbhoError(f"no usable conversation: {summarize_skipped(skipped)}")

@@ -44,22 +44,28 @@ def build_app(
     api_key: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    index: str | None = None,
+    retriever: str = "bm25",
     **options: object,
 ) -> Any:
     """The FastAPI application serving `model_path` (run, checkpoint or Hugging Face directory)
-    on `device` in `dtype` (as `kimbho.load` takes them). `api_key` defaults to $KIMBHO_API_KEY;
-    `options` are `ServerOptions` fields (model_name, slots, max_queue, timeout, max_body_bytes,
-    max_len)."""
+    on `device` in `dtype` (as `kimbho.load` takes them), answering from the documents of
+    `index` (through the retriever named `retriever`) when given. `api_key` defaults to
+    $KIMBHO_API_KEY; `options` are `ServerOptions` fields (model_name, slots, max_queue, timeout,
+    max_body_bytes, max_len, k)."""
     require_server_dependencies()
     from ..inference.chat import ChatFormat
     from ..loading import load, resolve_checkpoint
+    from ..retrieval import open_retriever
     from .app import ServerOptions, create_app
 
+    # The index first: a missing or corrupt one is reported before the model loads.
+    found = open_retriever(index, retriever) if index is not None or retriever != "bm25" else None
     model, tokenizer = load(model_path, device=device, dtype=dtype)
     chat = ChatFormat.for_model(tokenizer, resolve_checkpoint(model_path))
     options["model_name"] = options.get("model_name") or Path(model_path).resolve().name
     options["api_key"] = api_key or os.environ.get(API_KEY_ENV) or None
-    return create_app(model, tokenizer, ServerOptions(**options), chat)  # type: ignore[arg-type]
+    return create_app(model, tokenizer, ServerOptions(**options), chat, found)  # type: ignore[arg-type]
 
 
 def serve(
@@ -72,7 +78,7 @@ def serve(
     **options: object,
 ) -> None:
     """Serve `model_path` on host:port until interrupted; see `build_app` for the rest."""
-    app = build_app(model_path, api_key, device, dtype, **options)
+    app = build_app(model_path, api_key, device, dtype, **options)  # type: ignore[arg-type]
     import uvicorn
 
     settings, chat = app.state.options, app.state.chat

@@ -33,6 +33,7 @@ from ..data.tokenizer import Tokenizer
 from ..inference.chat import ChatFormat
 from ..inference.engine import Engine
 from ..model import KimbhoV1Model
+from ..retrieval import Retriever
 from .auth import Guard
 from .protocol import (
     ChatCompletionRequest,
@@ -53,6 +54,7 @@ def create_app(
     tokenizer: Tokenizer,
     options: ServerOptions | None = None,
     chat_format: ChatFormat | None = None,
+    retriever: Retriever | None = None,
 ) -> FastAPI:
     """The server for one model. The generation worker starts and stops with the application
     (its lifespan); `app.state.worker` exposes it (and its `stats`)."""
@@ -64,7 +66,12 @@ def create_app(
         )
     engine = Engine(model, tokenizer, slots=options.slots, max_len=max_len)
     worker = Worker(engine, options.max_queue)
-    service = Service(worker, tokenizer, chat_format, options)
+    augmenter = None
+    if retriever is not None:
+        from ..retrieval.augment import Augmenter
+
+        augmenter = Augmenter(retriever, options.k, tokenizer, chat_format, engine.max_len)
+    service = Service(worker, tokenizer, chat_format, options, augmenter)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -122,6 +122,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name of max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    retrieve: bool = Field(
+        True, description="with a server started with --index: false answers without retrieving"
+    )
 
 
 class TokenizeRequest(BaseModel):

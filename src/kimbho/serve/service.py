@@ -22,6 +22,7 @@ from ..inference.chat import ChatFormat
 from ..inference.engine import Engine, TokenEvent
 from ..inference.engine import Request as EngineRequest
 from ..inference.sampling import SamplingParams
+from ..retrieval.augment import Augmenter
 from .protocol import (
     DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
@@ -51,6 +52,7 @@ class ServerOptions:
     timeout: float = 600.0
     max_body_bytes: int = 2 * 1024 * 1024
     max_len: int | None = None
+    k: int = 4  # passages retrieved per chat request, with an index
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -75,9 +77,15 @@ class Service:
     """Turns validated requests into engine requests and engine events into OpenAI responses."""
 
     def __init__(
-        self, worker: Worker, tokenizer: Tokenizer, chat_format: ChatFormat | None, options: ServerOptions
+        self,
+        worker: Worker,
+        tokenizer: Tokenizer,
+        chat_format: ChatFormat | None,
+        options: ServerOptions,
+        augmenter: Augmenter | None = None,
     ) -> None:
         self.worker, self.tokenizer, self.chat_format, self.options = worker, tokenizer, chat_format, options
+        self.augmenter = augmenter
         self.engine: Engine = worker.engine
         self.vocab = self.engine.model.config.vocab_size
         self.created = int(time.time())
@@ -210,12 +218,23 @@ class Service:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
         ]
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        citations: list[dict[str, Any]] | None = None
+        if self.augmenter is not None:
+            augmenter = self.augmenter
+            passages = []
+            if body.retrieve:
+                # Without max_tokens the passages leave the reply a quarter of the slot.
+                budget = max_tokens or max(self.engine.max_len // 4, 1)
+                messages, passages = await _off_the_loop(
+                    lambda m: augmenter.messages(m, budget), messages, "retrieving passages", "messages"
+                )
+            citations = [p.as_dict() for p in passages]
         ids = await _off_the_loop(
             self.chat_format.encode, messages, "rendering the chat template", "messages"
         )
         if not ids:
             raise APIError(400, "the model's chat template rendered nothing for these messages", "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # as OpenAI: the reply may fill what the context leaves
             max_tokens = max(self.engine.max_len - len(ids), 1)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -223,7 +242,7 @@ class Service:
             body, ids, max_tokens, logprobs, self.chat_format.stop_token_ids, chat=True
         )
         job = self._submit([request_])
-        kind = {"object": "chat.completion", "id": f"chatcmpl-{uuid.uuid4().hex}"}
+        kind: dict[str, Any] = {"object": "chat.completion", "id": f"chatcmpl-{uuid.uuid4().hex}"}
 
         if body.stream:
             kind["object"] = "chat.completion.chunk"
@@ -240,7 +259,9 @@ class Service:
                     "finish_reason": e.finish_reason,
                 }
 
-            return self._sse(job, body, [request_], kind, chunk)
+            return self._sse(
+                job, body, [request_], kind, chunk, {"citations": citations} if citations is not None else {}
+            )
         outputs = await self._collect(job, [request_], request)
         choices = [
             {
@@ -251,7 +272,8 @@ class Service:
             }
             for i, events in enumerate(outputs[0])
         ]
-        return self._response(kind, choices, [request_], outputs)
+        response = self._response(kind, choices, [request_], outputs)
+        return {**response, "citations": citations} if citations is not None else response
 
     # The tokenizer, for clients that count or score tokens themselves.
 
@@ -390,11 +412,13 @@ class Service:
         job: Job,
         body: _Sampling,
         requests: list[EngineRequest],
-        kind: dict[str, str],
+        kind: dict[str, Any],
         choice: Callable[[int, TokenEvent, bool], dict[str, Any]],
+        first_extra: dict[str, Any] | None = None,
     ) -> StreamingResponse:
-        """Server-sent events: one chunk per token, then (if asked) usage, then `data: [DONE]`.
-        Starlette cancels this generator when the client disconnects, which cancels the job."""
+        """Server-sent events: one chunk per token (the first with `first_extra`'s fields too:
+        the citations), then (if asked) usage, then `data: [DONE]`. Starlette cancels this
+        generator when the client disconnects, which cancels the job."""
         created = int(time.time())
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
@@ -404,18 +428,21 @@ class Service:
         async def stream() -> AsyncIterator[str]:
             started: set[tuple[int, int]] = set()
             generated = 0
+            pending = dict(first_extra or {})  # fields of the first chunk only
             events = self._events(job, requests)
             try:
                 async for p, e in events:
                     generated += 1
                     first = (p, e.index) not in started
                     started.add((p, e.index))
+                    extra, pending = pending, {}
                     yield event(
                         {
                             **kind,
                             "created": created,
                             "model": self.options.model_name,
                             "choices": [choice(p, e, first)],
+                            **extra,
                         }
                     )
             except APIError as e:  # the timeout: headers are sent, so the error goes in the stream
@@ -443,7 +470,7 @@ class Service:
 
     def _response(
         self,
-        kind: dict[str, str],
+        kind: dict[str, Any],
         choices: list[dict[str, Any]],
         requests: list[EngineRequest],
         outputs: list[list[list[TokenEvent]]],
