@@ -298,6 +298,11 @@ def test_serve_with_an_index_returns_citations(docs: Path, tmp_path: Path, long_
         missing = {**ask, "messages": [{"role": "user", "content": "xyzzy plugh"}]}
         answered = httpx.post(url + "/v1/chat/completions", json=missing).json()
         assert answered["citations"] == [] and answered["choices"][0]["message"]["content"] is not None
+        completion = {"prompt": "Zorblat Quenfield was born in", "max_tokens": 3, "temperature": 0}
+        text = httpx.post(url + "/v1/completions", json=completion).json()
+        assert text["citations"][0]["source"].endswith("zorblat.txt")
+        ids = httpx.post(url + "/v1/completions", json={**completion, "prompt": [5, 6]}).json()
+        assert ids["citations"] == []  # token ids are sent as they are
         with httpx.stream("POST", url + "/v1/chat/completions", json={**ask, "stream": True}) as r:
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         assert chunks[0]["citations"] == out["citations"] and all("citations" not in c for c in chunks[1:])

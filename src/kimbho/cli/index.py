@@ -57,14 +57,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             help="text file, directory (recursive), glob or .jsonl",
         )
         parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
-        parser.add_argument(
-            "--tokenizer",
-            metavar="TOKENIZER|MODEL",
-            help="size chunks in this tokenizer's tokens (a tokenizer.json or a MODEL); default ~4 bytes a token",
-        )
 
     build = actions.add_parser("build", help="index documents into a new index directory")
     inputs(build)
+    build.add_argument(
+        "--tokenizer",
+        metavar="TOKENIZER|MODEL",
+        help="size chunks in this tokenizer's tokens: a tokenizer.json, or the MODEL that will read them "
+        "(default: 4 bytes a token)",
+    )
     build.add_argument("--out", required=True, metavar="INDEX_DIR")
     build.add_argument(
         "--chunk-tokens",
@@ -77,7 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build.set_defaults(func=cmd_index_build)
 
     add = actions.add_parser(
-        "add", help="index more documents, without rebuilding (sources already there are skipped)"
+        "add",
+        help="index more documents, chunked as the index's first ones, without rebuilding (sources already there are skipped)",
     )
     add.add_argument("index", metavar="INDEX_DIR")
     inputs(add)

@@ -131,10 +131,17 @@ def _text_file_sections(path: Path, report: CorpusReport) -> Iterator[Section]:
 
 
 def _jsonl_sections(path: Path, text_field: str, report: CorpusReport) -> Iterator[Section]:
+    for _, text in jsonl_texts(path, text_field, report):
+        yield from _split_text(text, report)
+
+
+def jsonl_texts(path: Path, text_field: str, report: CorpusReport) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a `.jsonl` file with a string `text_field`; lines
+    without one, or not JSON, are counted in `report` and named in one warning."""
     decoder = _CountingDecoder(report)
     missing = invalid = 0
     with path.open("rb") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             raw = decoder.decode(line, final=True)
             if not raw.strip():
                 continue
@@ -147,7 +154,7 @@ def _jsonl_sections(path: Path, text_field: str, report: CorpusReport) -> Iterat
             if not isinstance(text, str):
                 missing += 1
                 continue
-            yield from _split_text(text, report)
+            yield number, text
     report.jsonl_missing_field += missing
     report.jsonl_invalid_lines += invalid
     if missing or invalid:

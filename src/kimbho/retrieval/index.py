@@ -28,7 +28,6 @@ was (SQLite rolls the journal back on the next open).
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import re
 import sqlite3
@@ -38,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.corpus import resolve_inputs
+from ..data.corpus import CorpusReport, jsonl_texts, resolve_inputs
 from ..data.tokenizer import Tokenizer
 from ..errors import KimbhoError
 
@@ -128,24 +127,8 @@ def read_documents(inputs: Sequence[str], text_field: str = "text") -> Iterator[
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
-    skipped = 0
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="replace")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if isinstance(text, str):
-                yield Document(f"{path}:{number}", text)
-            else:
-                skipped += 1
-    if skipped:
-        log.warning(f"{path}: skipped {skipped} line(s) without a string {text_field!r} field or not JSON")
+    for number, text in jsonl_texts(path, text_field, CorpusReport()):
+        yield Document(f"{path}:{number}", text)
 
 
 def bytes_per_token(tokenizer: Tokenizer | None, documents: Sequence[Document]) -> float:

@@ -73,6 +73,9 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, description="choices per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    retrieve: bool = Field(
+        True, description="with a server started with --index: false answers without retrieving"
+    )
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -122,9 +125,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name of max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    retrieve: bool = Field(
-        True, description="with a server started with --index: false answers without retrieving"
-    )
 
 
 class TokenizeRequest(BaseModel):

@@ -122,8 +122,16 @@ class Service:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self.check_model(body.model)
-        prompts = await _off_the_loop(self._prompt_ids, body.prompt, "tokenizing the prompt", "prompt")
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
+        prompt, citations = body.prompt, None
+        if self.augmenter is not None:  # a text prompt (one) gets passages; scored or id prompts do not
+            augmenter, passages = self.augmenter, []
+            if body.retrieve and isinstance(prompt, str) and not body.echo:
+                prompt, passages = await _off_the_loop(
+                    lambda text: augmenter.prompt(text, max_tokens), prompt, "retrieving passages", "prompt"
+                )
+            citations = [p.as_dict() for p in passages]
+        prompts = await _off_the_loop(self._prompt_ids, prompt, "tokenizing the prompt", "prompt")
         # echo with logprobs scores the prompt itself, as OpenAI's legacy completions did: what
         # lm-evaluation-harness's local-completions model asks to compute log-likelihoods.
         score_prompt = body.echo and body.logprobs is not None
@@ -154,7 +162,9 @@ class Service:
                     "finish_reason": e.finish_reason,
                 }
 
-            return self._sse(job, body, requests, kind, chunk)
+            return self._sse(
+                job, body, requests, kind, chunk, {"citations": citations} if citations is not None else {}
+            )
         prompt_scores = await self._score_prompts(prompts, body.logprobs or 0) if score_prompt else None
         if max_tokens:
             outputs = await self._collect(self._submit(requests), requests, request)
@@ -179,7 +189,8 @@ class Service:
                         "finish_reason": finish,
                     }
                 )
-        return self._response(kind, choices, requests, outputs)
+        response = self._response(kind, choices, requests, outputs)
+        return {**response, "citations": citations} if citations is not None else response
 
     async def _score_prompts(self, prompts: list[list[int]], top: int) -> list[TokenScores]:
         """Every prompt token's log-probability given the tokens before it (and the `top`
