@@ -129,7 +129,9 @@ def main() -> None:
     parser.add_argument(
         "--held-out", type=float, default=0.2, help="share of the people no training question is about"
     )
-    parser.add_argument("--k", type=int, default=2, help="passages retrieved per question")
+    parser.add_argument(
+        "--k", type=int, default=3, help="passages retrieved per question: a person's three facts"
+    )
     parser.add_argument("--chunk-tokens", type=int, default=32, help="tokens per chunk: one fact each")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -85,6 +85,49 @@ def test_build_and_search(docs: Path, tmp_path: Path, tokenizer: kimbho.Tokenize
     assert index.search("nothing matches this xyzzy", 3) == []
 
 
+def test_terms_in_most_chunks_do_not_decide_the_ranking(tmp_path: Path) -> None:
+    """A word in more than half of the chunks is left out of the query (BM25 gives it no weight
+    there); a query of such words alone is still answered."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for n in range(10):
+        (folder / f"{n}.txt").write_text(
+            f"common words here, note {n}" + (" zorblat" if n == 7 else "") + "\n"
+        )
+    build_index([str(folder)], tmp_path / "idx")
+    index = Index(tmp_path / "idx")
+    assert index.search("common zorblat", 1)[0].source.endswith("7.txt")
+    assert len(index.search("common words", 3)) == 3
+
+
+def test_two_stage_ranking_equals_bm25_on_the_whole_query(tmp_path: Path) -> None:
+    """Candidates by the query's rare terms, then the common terms' share added: the same order
+    and scores FTS5 gives scoring every chunk on the whole query."""
+    import random
+
+    from kimbho.retrieval.index import query_terms
+
+    rng = random.Random(0)
+    common, rare = ["alpha", "beta", "gamma"], [f"w{n}" for n in range(400)]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for n in range(60):
+        paragraphs = [
+            " ".join(rng.choice(common if rng.random() < 0.3 else rare) for _ in range(12)) for _ in range(5)
+        ]
+        (folder / f"{n}.txt").write_text("\n\n".join(paragraphs))
+    build_index([str(folder)], tmp_path / "idx", chunk_tokens=12)
+    index = Index(tmp_path / "idx")
+    for _ in range(30):
+        query = " ".join([rng.choice(common), *rng.sample(rare, 2)])
+        whole = index._ranked(
+            [t for t in query_terms(query) if index._chunks_with(t) * 2 <= index.info.chunks], 4
+        )
+        mine = index.search(query, 4)
+        assert [(p.source, p.start) for p in mine] == [(p.source, p.start) for p in whole]
+        assert [p.score for p in mine] == pytest.approx([p.score for p in whole], abs=1e-9)
+
+
 def test_add_makes_a_document_searchable_without_rebuilding(docs: Path, tmp_path: Path) -> None:
     build_index([str(docs)], tmp_path / "idx")
     before = Index(tmp_path / "idx").info.chunks

@@ -14,9 +14,11 @@ if TYPE_CHECKING:
 
 
 def _tokenizer(args: argparse.Namespace) -> Tokenizer | None:
-    from ..loading import load_tokenizer
+    if not args.tokenizer:
+        return None
+    from ..loading import load_tokenizer  # imports PyTorch (a MODEL's checkpoint): only when asked
 
-    return load_tokenizer(args.tokenizer) if args.tokenizer else None
+    return load_tokenizer(args.tokenizer)
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:

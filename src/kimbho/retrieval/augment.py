@@ -82,22 +82,15 @@ class Augmenter:
                     f"(sha256 {built_for[:12]} vs {tokenizer.sha256[:12]}): refused; rebuild it for this model "
                     f"with `kimbho index build --tokenizer MODEL ...`"
                 )
-        self.retriever, self.k, self.tokenizer, self.chat, self.context = (
-            retriever,
-            k,
-            tokenizer,
-            chat,
-            context,
-        )
+        self.retriever, self.k, self.context = retriever, k, context
+        self.tokenizer, self.chat = tokenizer, chat
 
     def prompt(self, text: str, reply_tokens: int) -> tuple[str, list[Passage]]:
         """A plain prompt with the passages found for it, leaving `reply_tokens` of the context."""
         found = self.retriever.search(text, self.k)
-        chosen = fit(
-            found,
-            lambda ps: len(self.tokenizer.encode(with_passages(text, ps))) + 1,
-            self.context - reply_tokens,
-        )
+        # +1: a prompt may begin with end-of-text (`generation.encode_prompt`).
+        length = lambda ps: len(self.tokenizer.encode(with_passages(text, ps))) + 1  # noqa: E731
+        chosen = fit(found, length, self.context - reply_tokens)
         return with_passages(text, chosen), chosen
 
     def messages(

@@ -27,8 +27,10 @@ was (SQLite rolls the journal back on the next open).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import math
 import re
 import sqlite3
 import threading
@@ -36,6 +38,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..data.corpus import CorpusReport, jsonl_texts, resolve_inputs
 from ..data.tokenizer import Tokenizer
@@ -53,7 +56,7 @@ _BATCH = 2048  # chunks per executemany
 _CJK = re.compile(
     "([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002ffff])"
 )
-_TERM = re.compile(r"\w+")
+_TERM = re.compile(r"[^\W_]+")  # letters and digits: what FTS5's unicode61 keeps as a term
 
 
 def normalise(text: str) -> str:
@@ -64,8 +67,8 @@ def normalise(text: str) -> str:
 
 
 def query_terms(text: str) -> list[str]:
-    """The distinct terms of a query, in order."""
-    return list(dict.fromkeys(_TERM.findall(normalise(text))))
+    """The distinct terms of a query, in order, as the index holds them (accents removed)."""
+    return list(dict.fromkeys(_TERM.findall(_fold(normalise(text)))))
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,8 @@ class Index:
             # too: the first read rolls back what a killed `add` left in its journal.
             self.db = sqlite3.connect(file, check_same_thread=False)
             self._lock = threading.Lock()
+            self._document_frequency: dict[str, int] = {}
+            self._average: float | None = None
             meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
             if int(meta["format"]) != FORMAT:
                 raise KimbhoError(
@@ -267,29 +272,104 @@ class Index:
             ) from None
         if self.info.chunks == 0:
             raise KimbhoError(f"index {self.path} is empty: add documents with `kimbho index add`")
+        self.db.execute("CREATE VIRTUAL TABLE temp.vocabulary USING fts5vocab(main, 'terms', 'row')")
 
     def search(self, query: str, k: int = 4) -> list[Passage]:
         """The `k` chunks that rank best for `query` by BM25, best first; none when no term of
-        the query is in the index."""
+        the query is in the index.
+
+        FTS5 scores every chunk that holds any query term, so a common term (in a third of the
+        chunks, say) costs milliseconds per ten thousand chunks. So when the query has rare
+        terms (in under 5% of the chunks), FTS5 ranks the chunks by those, and the best
+        `_CANDIDATES` get the common terms' share of BM25 added (same formula and statistics);
+        a term in more than half of the chunks has no weight in BM25 (FTS5 clamps its IDF) and
+        is left out. A query of common terms only is scored by FTS5 whole."""
         terms = query_terms(query)
         if not terms or k < 1:
             return []
-        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
         try:
             with self._lock:
-                rows = self.db.execute(
-                    "SELECT c.text, c.source, c.start, c.end, -bm25(terms) AS score "
-                    "FROM terms JOIN chunks c ON c.id = terms.rowid WHERE terms MATCH ? ORDER BY bm25(terms) LIMIT ?",
-                    (match, k),
-                ).fetchall()
+                counts = {t: self._chunks_with(t) for t in terms}
+                n = self.info.chunks
+                present = [t for t in terms if counts[t]]
+                if not present:
+                    return []
+                kept = [t for t in present if counts[t] * 2 <= n] or present
+                rare = [t for t in kept if counts[t] <= n * _RARE]
+                common = [t for t in kept if t not in rare]
+                if not rare or not common:
+                    return self._ranked(kept, k)
+                found = self._ranked(rare, max(_CANDIDATES, k), lengths=True)
         except sqlite3.DatabaseError as e:
             raise KimbhoError(
                 f"index {self.path} is corrupt ({e}); rebuild it with `kimbho index build`"
             ) from None
-        return [Passage(*row) for row in rows]
+        average = self._average_length()
+        rescored = []
+        for passage, length in found:
+            words = _TERM.findall(_fold(normalise(passage.text)))
+            extra = sum(_bm25(words.count(t), length, average, n, counts[t]) for t in common)
+            rescored.append(dataclasses.replace(passage, score=passage.score + extra))
+        return sorted(rescored, key=lambda p: -p.score)[:k]
+
+    def _ranked(self, terms: list[str], k: int, lengths: bool = False) -> Any:
+        """FTS5's k best for any of `terms` (with each chunk's length in terms, if asked)."""
+        # The k best first, then their chunks: joining before the LIMIT reads every match's row.
+        rows = self.db.execute(
+            "SELECT c.text, c.source, c.start, c.end, -best.score FROM (SELECT rowid, bm25(terms) AS score "
+            "FROM terms WHERE terms MATCH ? ORDER BY score LIMIT ?) AS best "
+            "JOIN chunks c ON c.id = best.rowid ORDER BY best.score",
+            (_match(terms), k),
+        ).fetchall()
+        passages = [Passage(*row) for row in rows]
+        if not lengths:
+            return passages
+        return [(p, len(_TERM.findall(_fold(normalise(p.text))))) for p in passages]
+
+    def _average_length(self) -> float:
+        """Terms per chunk on average, as BM25 normalises by (counted once per opening)."""
+        if self._average is None:
+            total = self.db.execute("SELECT sum(cnt) FROM temp.vocabulary").fetchone()[0] or 0
+            self._average = total / max(self.info.chunks, 1)
+        return self._average
+
+    def _chunks_with(self, term: str) -> int:
+        """How many chunks hold `term` (FTS5's own count, cached: it changes only by `add`)."""
+        if term not in self._document_frequency:
+            if len(self._document_frequency) > 100_000:
+                self._document_frequency.clear()
+            row = self.db.execute("SELECT doc FROM temp.vocabulary WHERE term = ?", (term,)).fetchone()
+            self._document_frequency[term] = row[0] if row else 0
+        return self._document_frequency[term]
 
     def close(self) -> None:
         self.db.close()
+
+
+_RARE = 0.05  # a term in at most this share of the chunks picks the candidates
+_CANDIDATES = 64  # chunks the common terms are scored on
+
+
+def _fold(text: str) -> str:
+    """Accents removed, as FTS5's `unicode61 remove_diacritics 2` removes them (recomposed
+    after: Hangul syllables stay whole)."""
+    if text.isascii():
+        return text
+    bare = "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+    return unicodedata.normalize("NFC", bare)
+
+
+def _bm25(tf: int, length: int, average: float, chunks: int, containing: int) -> float:
+    """One term's share of a chunk's BM25, with FTS5's constants (k1 1.2, b 0.75) and IDF."""
+    if not tf:
+        return 0.0
+    idf = max(math.log((chunks - containing + 0.5) / (containing + 0.5)), 1e-6)
+    return idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * length / average))
+
+
+def _match(terms: Sequence[str]) -> str:
+    """An FTS5 query matching any of `terms`, each quoted: no user text is read as syntax."""
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
 def _open_new(file: Path, chunker: Chunker, tokenizer: Tokenizer | None) -> sqlite3.Connection:
