@@ -38,7 +38,6 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..data.corpus import CorpusReport, jsonl_texts, resolve_inputs
 from ..data.tokenizer import Tokenizer
@@ -299,21 +298,21 @@ class Index:
                 common = [t for t in kept if t not in rare]
                 if not rare or not common:
                     return self._ranked(kept, k)
-                found = self._ranked(rare, max(_CANDIDATES, k), lengths=True)
+                found = self._ranked(rare, max(_CANDIDATES, k))
         except sqlite3.DatabaseError as e:
             raise KimbhoError(
                 f"index {self.path} is corrupt ({e}); rebuild it with `kimbho index build`"
             ) from None
         average = self._average_length()
         rescored = []
-        for passage, length in found:
-            words = _TERM.findall(_fold(normalise(passage.text)))
-            extra = sum(_bm25(words.count(t), length, average, n, counts[t]) for t in common)
+        for passage in found:
+            words = _TERM.findall(_fold(normalise(passage.text)))  # the chunk's terms, as FTS5 counts them
+            extra = sum(_bm25(words.count(t), len(words), average, n, counts[t]) for t in common)
             rescored.append(dataclasses.replace(passage, score=passage.score + extra))
         return sorted(rescored, key=lambda p: -p.score)[:k]
 
-    def _ranked(self, terms: list[str], k: int, lengths: bool = False) -> Any:
-        """FTS5's k best for any of `terms` (with each chunk's length in terms, if asked)."""
+    def _ranked(self, terms: list[str], k: int) -> list[Passage]:
+        """FTS5's k best for any of `terms`."""
         # The k best first, then their chunks: joining before the LIMIT reads every match's row.
         rows = self.db.execute(
             "SELECT c.text, c.source, c.start, c.end, -best.score FROM (SELECT rowid, bm25(terms) AS score "
@@ -321,10 +320,7 @@ class Index:
             "JOIN chunks c ON c.id = best.rowid ORDER BY best.score",
             (_match(terms), k),
         ).fetchall()
-        passages = [Passage(*row) for row in rows]
-        if not lengths:
-            return passages
-        return [(p, len(_TERM.findall(_fold(normalise(p.text))))) for p in passages]
+        return [Passage(*row) for row in rows]
 
     def _average_length(self) -> float:
         """Terms per chunk on average, as BM25 normalises by (counted once per opening)."""
