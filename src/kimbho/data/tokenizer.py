@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -112,20 +111,16 @@ class Tokenizer:
     def encode_marked(self, text: str) -> list[int]:
         """As `encode`, except that the text of a special token ("<|endoftext|>") becomes that
         token: how Hugging Face tokenizers and vLLM's /tokenize read text. For other runtimes'
-        clients (the server's /tokenize); Kimbho itself never reads markers out of text."""
-        ids: list[int] = []
-        start = 0
-        for marker in self._special_pattern.finditer(text):
-            ids += self.encode(text[start : marker.start()]) if marker.start() > start else []
-            ids.append(self.inner.token_to_id(marker.group()))  # type: ignore[arg-type]  # a special token has an id
-            start = marker.end()
-        return ids + (self.encode(text[start:]) if start < len(text) else [])
+        clients (the server's /tokenize) and chat templates' output; Kimbho itself never reads
+        markers out of user text."""
+        return self.marked.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
     @functools.cached_property
-    def _special_pattern(self) -> re.Pattern[str]:
-        # Longest first, so a marker that begins another is not matched in its place.
-        names = sorted(self.special_tokens, key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, names)) if names else "(?!)")
+    def marked(self) -> HFTokenizer:
+        """The underlying tokenizer with special-token text recognised (see `encode_marked`)."""
+        inner = HFTokenizer.from_str(self.to_json())
+        inner.encode_special_tokens = False
+        return inner
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once, in parallel in Rust (the `_fast` variant skips offset

@@ -53,10 +53,7 @@ class ChatFormat:
                 raise KimbhoError(f"the model's chat_template does not compile: {e}") from None
             # Text -> ids with special-token strings recognised (Kimbho's own tokenizer refuses
             # them in text, on purpose; the rendered template is trusted model configuration).
-            from tokenizers import Tokenizer as HFTokenizer
-
-            self._special_encoder = HFTokenizer.from_str(tokenizer.to_json())
-            self._special_encoder.encode_special_tokens = False
+            self._special_encoder = tokenizer.marked
         else:
             missing = [f"<|{r}|>" for r in ROLES if tokenizer.token_to_id(f"<|{r}|>") is None]
             if missing or tokenizer.eot_id is None:
