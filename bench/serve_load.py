@@ -77,7 +77,7 @@ def _random_model(preset: str):  # type: ignore[no-untyped-def]
     cfg = kimbho.KimbhoConfig.from_preset(preset)
     path = Path(tempfile.gettempdir()) / f"kimbho-bench-tokenizer-{cfg.vocab_size}.json"
     if not path.is_file():
-        from kimbho.data.prepare import CorpusSource
+        from kimbho.data.sources import CorpusSource
 
         kimbho.Tokenizer.train(CorpusSource(None, "text").texts(), cfg.vocab_size).save(path)
     tokenizer = kimbho.Tokenizer.from_file(path)

@@ -333,17 +333,56 @@ class LoraConfig:
 
 
 @dataclass
+class DataConfig:
+    """How often each named source of the data is sampled (`data/sources.py`)."""
+
+    mix: str = field(
+        default="",
+        metadata=_doc(
+            "sampling weight per named source, NAME:WEIGHT,... (empty: each source's share of the tokens)"
+        ),
+    )
+    mix_temperature: float = field(
+        default=1.0,
+        metadata=_doc("weights raised to this power: 1 keeps them, < 1 flattens them toward uniform"),
+    )
+
+    def __post_init__(self) -> None:
+        from .data.sources import parse_mix
+
+        parse_mix(self.mix)  # weights that do not parse fail here, before any work
+        if not (self.mix_temperature > 0 and math.isfinite(self.mix_temperature)):
+            raise KimbhoError(f"data.mix_temperature must be a positive number, got {self.mix_temperature}")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        from .data.sources import parse_mix
+
+        return parse_mix(self.mix)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether batches are drawn by a mixture rather than uniformly over all tokens."""
+        return bool(self.mix) or self.mix_temperature != 1.0
+
+
+@dataclass
 class RunConfig:
     """A whole training run: the model, how to train it, and (fine-tuning) its adapters."""
 
     model: KimbhoConfig = field(default_factory=KimbhoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        values = {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
-        # Only a LoRA run records the section, so full runs' run.yaml reads as before.
-        return {**values, "lora": dataclasses.asdict(self.lora)} if self.lora.rank else values
+        values: dict[str, Any] = {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+        # Only runs that use a section record it, so other runs' config.yaml reads as before.
+        if self.lora.rank:
+            values["lora"] = dataclasses.asdict(self.lora)
+        if self.data.mixed:
+            values["data"] = dataclasses.asdict(self.data)
+        return values
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -357,11 +396,17 @@ class RunConfig:
             model=KimbhoConfig.from_dict(values.get("model") or {}),
             train=TrainConfig(**_checked_fields(TrainConfig, values.get("train") or {}, "train")),
             lora=LoraConfig(**_checked_fields(LoraConfig, values.get("lora") or {}, "lora")),
+            data=DataConfig(**_checked_fields(DataConfig, values.get("data") or {}, "data")),
         )
 
 
 # Config file sections and the `section.key=value` prefixes, with the class of each.
-SECTIONS: dict[str, type] = {"model": KimbhoConfig, "train": TrainConfig, "lora": LoraConfig}
+SECTIONS: dict[str, type] = {
+    "model": KimbhoConfig,
+    "train": TrainConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+}
 
 
 def resolve_run_config(

@@ -35,7 +35,8 @@ def add_inference_options(
 
 # The inputs of `tokenizer train` and `prepare`.
 INPUTS_HELP = (
-    "text file, directory (recursive), glob or .jsonl; default: the built-in corpus (CPython's docs)"
+    "text file, directory (recursive), glob or .jsonl, each a named source as NAME=PATH (a plain "
+    "PATH is named after its file or folder); default: the built-in corpus (CPython's docs)"
 )
 
 

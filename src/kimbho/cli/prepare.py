@@ -26,8 +26,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     report = meta["report"]
     print(
         f"wrote {args.out}: {train['tokens']:,} train / {val['tokens']:,} val tokens, "
-        f"{report['documents']:,} documents from {report['files'] or 1} source(s), vocabulary {meta['vocab_size']}"
+        f"{report['documents']:,} documents in {report['files'] or 1} file(s), vocabulary {meta['vocab_size']}"
     )
+    if len(meta["sources"]) > 1:
+        for name, info in meta["sources"].items():
+            print(f"  {name}: {info['train']['tokens']:,} train / {info['val']['tokens']:,} val tokens")
     skipped = len(report["skipped_binary"]) + report["jsonl_missing_field"] + report["jsonl_invalid_lines"]
     if skipped or report["invalid_utf8_files"]:
         print(
@@ -39,7 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     prep = sub.add_parser("prepare", help="tokenize text into token shards for training")
-    prep.add_argument("--input", nargs="+", metavar="PATH", help=INPUTS_HELP)
+    prep.add_argument("--input", nargs="+", metavar="[NAME=]PATH", help=INPUTS_HELP)
     which = prep.add_mutually_exclusive_group(required=True)
     which.add_argument("--tokenizer", metavar="tokenizer.json", help="an existing tokenizer")
     which.add_argument(

@@ -85,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train a model",
         allow_abbrev=False,  # --nproc is passed on to torchrun's processes less itself, exactly
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML sections model: and train:, or key=value on the command line):\n"
+        epilog="config keys (YAML sections model:, train:, lora: and data:, or key=value on the command line):\n"
         + config_help(),
     )
     train.add_argument("--config", type=Path, metavar="FILE.yaml")

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,9 @@ from tqdm import tqdm
 
 from ..errors import KimbhoError
 from ..storage.staging import check_directory_free, staged_directory
-from .corpus import (
-    DEFAULT_CORPUS,
-    CorpusReport,
-    Section,
-    default_corpus_sections,
-    read_sections,
-    resolve_inputs,
-)
+from .corpus import CorpusReport, Section
 from .shards import SPLITS, TOKENS_FORMAT
+from .sources import CorpusSource, poor_fits
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kimbho")
@@ -35,32 +28,6 @@ DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per shard buffer
 
 
 _ENCODE_BATCH_BYTES = 4 * 1024 * 1024
-
-
-class CorpusSource:
-    """Where the text comes from: input paths, or the built-in default corpus when there are none.
-    It can be read more than once (tokenizer training, then tokenization)."""
-
-    def __init__(self, inputs: list[str] | None, text_field: str = "text") -> None:
-        self.files = resolve_inputs(inputs) if inputs else None
-        self.text_field = text_field
-
-    def sections(self, report: CorpusReport | None = None) -> Iterator[Section]:
-        report = report if report is not None else CorpusReport()
-        if self.files is None:
-            return default_corpus_sections(report)
-        return read_sections(self.files, self.text_field, report)
-
-    def texts(self) -> Iterator[str]:
-        return (s.text for s in self.sections())
-
-    @property
-    def total_bytes(self) -> int | None:
-        return sum(f.stat().st_size for f in self.files) if self.files is not None else None
-
-    @property
-    def names(self) -> list[str]:
-        return [str(f) for f in self.files] if self.files is not None else [DEFAULT_CORPUS]
 
 
 def prepare(
@@ -87,7 +54,7 @@ def prepare(
     if tokenizer is None:
         assert vocab_size is not None
         log.info(f"training a {vocab_size}-token byte-level BPE tokenizer")
-        tokenizer = Tokenizer.train(source.texts(), vocab_size)
+        tokenizer = Tokenizer.train(source.balanced_texts(), vocab_size)
     elif not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_file(tokenizer)
     if tokenizer.eot_id is None:
@@ -109,35 +76,37 @@ def _write_shards(
     report = CorpusReport()
     eot = tokenizer.eot_id
     assert eot is not None
-    index = 0  # section number, decides the split
+    index: dict[str, int] = {}  # sections seen per source: decides the split
     progress = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None)
 
     document_has_text = False  # an empty document gets no end-of-text token of its own
 
-    def flush(batch: list[Section]) -> None:
-        nonlocal index, document_has_text
-        for section, ids in zip(batch, tokenizer.encode_batch([s.text for s in batch]), strict=True):
+    def flush(batch: list[tuple[str, Section]]) -> None:
+        nonlocal document_has_text
+        encoded = tokenizer.encode_batch([s.text for _, s in batch])
+        for (name, section), ids in zip(batch, encoded, strict=True):
             document_has_text |= bool(ids)
             if not ids and not (section.end_of_document and document_has_text):
                 continue
             if section.end_of_document:
                 document_has_text = False
-            # Systematic sampling: section i is validation when (i + 1/2) * val_fraction crosses an
-            # integer, so sections 1/(2f), 3/(2f), ... are held out: spread out, exactly a share f.
+            # Systematic sampling, per source so that each gets its share: section i is validation
+            # when (i + 1/2) * val_fraction crosses an integer, so sections 1/(2f), 3/(2f), ... are
+            # held out: spread out, exactly a share f.
+            i = index[name] = index.get(name, -1) + 1
             split = (
                 "val"
-                if math.floor((index + 1) * val_fraction + 0.5) > math.floor(index * val_fraction + 0.5)
+                if math.floor((i + 1) * val_fraction + 0.5) > math.floor(i * val_fraction + 0.5)
                 else "train"
             )
-            index += 1
             num_bytes = len(section.text.encode())
-            writers[split].write(ids, num_bytes, eot if section.end_of_document else None)
+            writers[split].write(name, ids, num_bytes, eot if section.end_of_document else None)
             progress.update(num_bytes)
 
-    batch: list[Section] = []
+    batch: list[tuple[str, Section]] = []
     size = 0
-    for section in source.sections(report):
-        batch.append(section)
+    for name, section in source.named_sections(report):
+        batch.append((name, section))
         size += len(section.text)
         if size >= _ENCODE_BATCH_BYTES:
             flush(batch)
@@ -151,9 +120,26 @@ def _write_shards(
     if val_fraction > 0 and writers["val"].tokens == 0:
         raise KimbhoError(
             f"the corpus is too small to hold out {val_fraction:.0%} for validation "
-            f"({index} section(s) of ~32 KiB); add text or pass --val-fraction 0"
+            f"({sum(index.values())} section(s) of ~32 KiB); add text or pass --val-fraction 0"
         )
     splits = {split: writer.close() for split, writer in writers.items()}
+    sources: dict[str, dict[str, Any]] = {
+        name: {"inputs": inputs} for name, inputs in source.inputs().items()
+    }
+    for split, writer in writers.items():
+        for name in sources:
+            sources[name][split] = writer.spans.get(name) or {
+                "start": writer.tokens, "tokens": 0, "bytes": 0, "documents": 0,
+            }  # fmt: skip
+    for name in sources:
+        if val_fraction > 0 and sources[name]["val"]["tokens"] == 0:
+            log.warning(
+                f"source {name!r} is too small to hold out {val_fraction:.0%} of it for validation "
+                f"(fewer than {math.ceil(0.5 / val_fraction)} sections of ~32 KiB): it has no validation "
+                f"score of its own"
+            )
+    for warning in poor_fits({n: (s["train"]["bytes"], s["train"]["tokens"]) for n, s in sources.items()}):
+        log.warning(warning)
     return {
         "format": TOKENS_FORMAT,
         "tokenizer_sha256": tokenizer.sha256,
@@ -163,7 +149,7 @@ def _write_shards(
         "pad_id": tokenizer.pad_id,
         "val_fraction": val_fraction,
         "splits": splits,
-        "sources": source.names,
+        "sources": sources,
         "report": asdict(report),
     }
 
@@ -178,9 +164,16 @@ class _ShardWriter:
         self.shards: list[str] = []
         self.tokens = self.documents = self.bytes = 0
         self.digest = hashlib.sha256()
+        # Each source's run of this split (sources arrive one after another): `sources.SourceSpan`.
+        self.spans: dict[str, dict[str, int]] = {}
 
-    def write(self, ids: list[int], num_bytes: int, eot: int | None) -> None:
+    def write(self, source: str, ids: list[int], num_bytes: int, eot: int | None) -> None:
         array: np.ndarray = np.asarray(ids + ([eot] if eot is not None else []), dtype=self.dtype)
+        span = self.spans.setdefault(source, {"start": self.tokens, "tokens": 0, "bytes": 0, "documents": 0})
+        assert span["start"] + span["tokens"] == self.tokens, "a source's sections must arrive together"
+        span["tokens"] += len(array)
+        span["bytes"] += num_bytes
+        span["documents"] += eot is not None
         self.tokens += len(array)
         self.bytes += num_bytes
         self.documents += eot is not None

@@ -20,7 +20,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from ..errors import KimbhoError
 from ..model.loss import IGNORE
+from .sources import SourceSpan
 
 log = logging.getLogger("kimbho")
 
@@ -215,19 +216,42 @@ class RandomWindowSampler:
 
     Because batch `step` depends on nothing else, resuming at any step reads exactly the batch
     the uninterrupted run would have, and each of N processes can take its own rows of the same
-    global batch."""
+    global batch.
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int) -> None:
+    With a `mixture` (each source's span of the stream and its probability, see `sources.py`),
+    each row first draws its source, then a window inside that source's span; without one, a
+    window anywhere in the stream: each source as often as its share of the tokens."""
+
+    def __init__(
+        self,
+        stream: TokenStream,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        mixture: Sequence[tuple[SourceSpan, float]] | None = None,
+    ) -> None:
         if len(stream) < seq_len + 1:
             raise KimbhoError(
                 f"the {stream.split} split holds {len(stream)} tokens, fewer than one sequence of "
                 f"train.seq_len + 1 = {seq_len + 1}; use a shorter train.seq_len or more data"
             )
         self.stream, self.seq_len, self.batch_size, self.seed = stream, seq_len, batch_size, seed
+        self.mixture = None
+        if mixture is not None:
+            drawn = [(span, p) for span, p in mixture if p > 0]
+            self.mixture = (
+                np.array([span.start for span, _ in drawn]),
+                np.array([span.tokens - seq_len for span, _ in drawn]),  # window starts per source
+                np.array([p for _, p in drawn]),
+            )
 
     def offsets(self, step: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.stream) - self.seq_len, size=self.batch_size)
+        if self.mixture is None:
+            return rng.integers(0, len(self.stream) - self.seq_len, size=self.batch_size)
+        starts, spans, probs = self.mixture
+        source = rng.choice(len(probs), size=self.batch_size, p=probs)
+        return starts[source] + rng.integers(0, spans[source])
 
     def batch(self, step: int, rows: slice = slice(None)) -> Batch:
         """The given rows of batch `step`: inputs and targets (len(rows), seq_len) int64."""

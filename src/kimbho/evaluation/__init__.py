@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..data.corpus import CorpusReport, read_sections
 from ..data.shards import Batch, TokenStream, eval_windows, load_meta, window_batches
+from ..data.sources import SourceSpan, shares, source_spans
 from ..data.tokenizer import Tokenizer
 from ..device import autocast
 from ..errors import KimbhoError
@@ -61,15 +63,52 @@ def summarize(total_nats: float, tokens: int, num_bytes: int) -> dict[str, float
     }
 
 
+def source_windows(
+    stream: TokenStream, spans: Mapping[str, SourceSpan] | None, seq_len: int, max_tokens: int | None
+) -> dict[str, Iterator[torch.Tensor]]:
+    """Consecutive windows (`eval_windows`) over each source's span of `stream`, never across two
+    sources, `max_tokens` split between them as evenly as their sizes allow (`shares`). Data
+    prepared before sources were named is one source, named ""."""
+    spans = spans if spans is not None else {"": SourceSpan(0, len(stream), 0, 0)}
+    usable = {name: span for name, span in spans.items() if span.tokens > 1}
+    budgets = shares({name: span.tokens - 1 for name, span in usable.items()}, max_tokens)
+
+    def window(span: SourceSpan) -> Callable[[int, int], np.ndarray]:
+        return lambda start, length: stream.window(span.start + start, length)
+
+    return {
+        name: eval_windows(window(span), span.tokens, seq_len, budgets[name]) for name, span in usable.items()
+    }
+
+
+def summarize_sources(per_source: Mapping[str, tuple[float, int, int]]) -> dict[str, Any]:
+    """`summarize` over all sources' (nats, tokens, bytes) together and, when there are several,
+    `by_source`: each one's `val_loss`, `val_bpb` and `tokens` (the keys of metrics.jsonl's eval
+    records). One source adds nothing to the overall numbers, so its records read as before."""
+    nats, tokens, num_bytes = (sum(values) for values in zip(*per_source.values(), strict=True))
+    result: dict[str, Any] = summarize(nats, tokens, num_bytes)
+    if len(per_source) > 1:
+        result["by_source"] = {}
+        for name, (n, t, b) in per_source.items():
+            one = summarize(n, t, b)
+            result["by_source"][name] = {
+                "val_loss": one["loss"],
+                "val_bpb": one["bits_per_byte"],
+                "tokens": t,
+            }
+    return result
+
+
 def evaluate(
     model: KimbhoV1Model,
     tokenizer: Tokenizer,
     data: str | os.PathLike[str],
     max_tokens: int | None = None,
     batch_size: int = 8,
-) -> dict[str, float | int]:
-    """Evaluate on the validation split of a prepared data directory, or on a text file. Bits
-    per byte count the exact bytes of the predicted tokens in both (`Tokenizer.count_bytes`)."""
+) -> dict[str, Any]:
+    """Evaluate on the validation split of a prepared data directory (each named source's too,
+    under `by_source`), or on a text file. Bits per byte count the exact bytes of the predicted
+    tokens in both (`Tokenizer.count_bytes`)."""
     if max_tokens is not None and max_tokens < 1:
         raise KimbhoError(f"max_tokens must be at least 1 (or unset: everything), got {max_tokens}")
     path = Path(data)
@@ -86,8 +125,10 @@ def evaluate(
                 f"or evaluate on a held-out text file"
             )
         stream = TokenStream(path, "val")
-        windows = eval_windows(stream.window, len(stream), seq_len, max_tokens)
-        return summarize(*sum_loss(model, window_batches(windows, batch_size), tokenizer))
+        sources = source_windows(stream, source_spans(meta, "val"), seq_len, max_tokens)
+        return summarize_sources(
+            {name: sum_loss(model, window_batches(w, batch_size), tokenizer) for name, w in sources.items()}
+        )
     if not path.is_file():
         raise KimbhoError(
             f"evaluation data {data} does not exist (give a prepared data directory or a text file)"

@@ -31,7 +31,11 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for name, value in values.items():
-            if isinstance(value, str):
+            if isinstance(value, dict):  # by_source: {"web": {"val_bpb": ...}} -> eval/val_bpb/web
+                for group, inner in value.items():
+                    for key, number in inner.items():
+                        self._tb.add_scalar(f"{kind}/{key}/{group}", number, step)
+            elif isinstance(value, str):
                 self._tb.add_text(f"{kind}/{name}", value, step)
             elif isinstance(value, (int, float)) and name not in ("step",):
                 self._tb.add_scalar(f"{kind}/{name}", value, step)

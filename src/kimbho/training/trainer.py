@@ -32,14 +32,14 @@ from ..data.shards import (
     RandomWindowSampler,
     TokenStream,
     dataset_fingerprint,
-    eval_windows,
     load_meta,
     window_batches,
 )
+from ..data.sources import SourceSpan, mixture, poor_fits, source_spans
 from ..data.tokenizer import Tokenizer
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..errors import KimbhoError
-from ..evaluation import sum_loss, summarize
+from ..evaluation import source_windows, sum_loss, summarize_sources
 from ..inference.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..inference.generation import generate
 from ..loading import base_identity, load
@@ -158,7 +158,11 @@ class Trainer:
     def _set_up_token_data(self, meta: dict[str, Any], check: bool) -> None:
         """Pretraining: random windows of the token shards; validation on consecutive windows."""
         train = RandomWindowSampler(
-            TokenStream(self.data_dir, "train"), self.seq_len, self.cfg.batch_size, self.cfg.seed
+            TokenStream(self.data_dir, "train"),
+            self.seq_len,
+            self.cfg.batch_size,
+            self.cfg.seed,
+            mixture=self._mixture(meta),
         )
         self.train_data: RandomWindowSampler | chat_data.PackedSampler = train
         val = TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
@@ -166,13 +170,35 @@ class Trainer:
             if check and stream is not None:
                 check_hash = self.cfg.verify_data == "true" or stream.nbytes < VERIFY_HASH_BELOW
                 stream.verify(meta["vocab_size"], check_hash)
+        spans = source_spans(meta, "val")
 
-        def batches() -> Iterator[Batch]:
+        def sets() -> dict[str, Iterator[Batch]]:
             assert val is not None
-            windows = eval_windows(val.window, len(val), self.seq_len, self.cfg.eval_tokens)
-            return window_batches(windows, self.micro_batch)
+            windows = source_windows(val, spans, self.seq_len, self.cfg.eval_tokens)
+            return {name: window_batches(w, self.micro_batch) for name, w in windows.items()}
 
-        self.val_batches: Callable[[], Iterator[Batch]] | None = batches if val is not None else None
+        self.val_sets: Callable[[], dict[str, Iterator[Batch]]] | None = sets if val is not None else None
+
+    def _mixture(self, meta: dict[str, Any]) -> list[tuple[SourceSpan, float]] | None:
+        """`data.mix` and `data.mix_temperature` as each source's span and probability (None: rows
+        drawn uniformly over all tokens, as without named sources)."""
+        spans = source_spans(meta, "train")
+        if self.world.is_main and self.init is not None and spans is not None:
+            # Continued pretraining on a source the model's tokenizer never saw.
+            for warning in poor_fits({name: (span.bytes, span.tokens) for name, span in spans.items()}):
+                log.warning(warning)
+        data = self.run.data
+        if not data.mixed:
+            return None
+        if spans is None:
+            raise KimbhoError(
+                f"{self.data_dir} was prepared before sources were named, so data.mix cannot pick "
+                f"between them; prepare it again (`kimbho prepare --input NAME=PATH ...`)"
+            )
+        probs = mixture(spans, data.weights, data.mix_temperature, self.seq_len)
+        if self.world.is_main:
+            log.info("mixture: " + ", ".join(f"{name} {p:.1%}" for name, p in probs.items()))
+        return [(spans[name], p) for name, p in probs.items()]
 
     def _set_up_chat_data(self, meta: dict[str, Any], check: bool) -> None:
         """Fine-tuning: packed conversations in a fresh order each epoch; validation on the
@@ -187,8 +213,10 @@ class Trainer:
                 )
         self.train_data = chat_data.PackedSampler(rows["train"], self.cfg.batch_size, self.cfg.seed)
         val = rows["val"]
-        self.val_batches = (
-            (lambda: chat_data.val_batches(val, self.micro_batch, self.cfg.eval_tokens)) if len(val) else None
+        self.val_sets = (
+            (lambda: {"": chat_data.val_batches(val, self.micro_batch, self.cfg.eval_tokens)})
+            if len(val)
+            else None
         )
 
     def _set_up_model(self) -> None:
@@ -393,13 +421,18 @@ class Trainer:
         flops = tokens_per_sec * self.model.flops_per_token(self.seq_len)
         return flops / peak_flops(self.device, self.dtype)
 
-    def evaluate(self) -> dict[str, float | int] | None:
+    def evaluate(self) -> dict[str, Any] | None:
         """Validation loss, perplexity and bits per byte on a fixed set of rows (fine-tuning: on
-        the replies of the held-out conversations). Every process evaluates all of them (FSDP
-        needs all processes in each forward pass)."""
-        if self.val_batches is None:
+        the replies of the held-out conversations), and each named source's (`by_source`). Every
+        process evaluates all of them (FSDP needs all processes in each forward pass)."""
+        if self.val_sets is None:
             return None
-        return summarize(*sum_loss(self.model, self.val_batches(), self.tokenizer, dtype=self.dtype))
+        return summarize_sources(
+            {
+                name: sum_loss(self.model, batches, self.tokenizer, dtype=self.dtype)
+                for name, batches in self.val_sets().items()
+            }
+        )
 
     def sample_text(self) -> str:
         """A short continuation of the end-of-text token: what the model writes unprompted."""
@@ -579,9 +612,16 @@ class Trainer:
             "val_ppl": result["perplexity"],
             "val_bpb": result["bits_per_byte"],
         }
+        if "by_source" in result:
+            record["by_source"] = result["by_source"]
         self.metrics.write("eval", done, **record)
         if self.world.is_main:
-            bar.write(f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}")
+            line = f"step {done}: val loss {record['val_loss']:.4f}, val bpb {record['val_bpb']:.4f}"
+            if "by_source" in result:
+                line += (
+                    " (" + ", ".join(f"{n} {v['val_bpb']:.4f}" for n, v in result["by_source"].items()) + ")"
+                )
+            bar.write(line)
         self._save_best(record["val_loss"])
         return record
 
