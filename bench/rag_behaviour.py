@@ -4,7 +4,7 @@ model fine-tuned with `kimbho finetune --index` on questions about 80% of them; 
 about the other 20%, asked through the official `openai` client against `kimbho serve --index`,
 with retrieval and without (`"retrieve": false`).
 
-    python bench/rag_behaviour.py --base RUN_DIR     # a pretrained base (bench/finetune_behaviour.py makes one)
+    python bench/rag_behaviour.py --base RUN_DIR     # a pretrained base (bench/finetune_behaviour.py makes one); ~40 min
     python bench/rag_behaviour.py                    # pretrain one first (~7 more minutes on 2 cores)
 
 Each person has a document of three facts, a paragraph each ("NAME was born in W1.", "NAME works
@@ -133,8 +133,8 @@ def main() -> None:
         "--k", type=int, default=3, help="passages retrieved per question: a person's three facts"
     )
     parser.add_argument("--chunk-tokens", type=int, default=32, help="tokens per chunk: one fact each")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--questions", type=int, default=200, help="held-out questions asked")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--reuse", action="store_true", help="keep a fine-tuned run already in --work")
