@@ -94,6 +94,37 @@ def hf_train_step(
     return loss.item()
 
 
+# The strong Hugging Face recipe (nanoGPT's, as users run LlamaForCausalLM when they tune it):
+# fused AdamW lr 1e-3, betas (0.9, 0.95), weight decay 0.1 on matrices only, 50 warm-up steps,
+# cosine to 10%, gradient clipping at 1.0 (`hf_train_step`), bf16 autocast where the CPU has it.
+STRONG_LR, STRONG_WARMUP, STRONG_MIN_RATIO = 1e-3, 50, 0.1
+
+
+def strong_hf_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    """The strong recipe's AdamW: decay on the weight matrices (and embeddings), none on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=STRONG_LR, betas=(0.9, 0.95), fused=True)
+
+
+def strong_hf_lr(step: int, total_steps: int) -> float:
+    """The strong recipe's learning-rate multiplier at `step`: linear warm-up, cosine to 10%."""
+    if step < STRONG_WARMUP:
+        return (step + 1) / STRONG_WARMUP
+    progress = min(1.0, (step - STRONG_WARMUP) / max(1, total_steps - STRONG_WARMUP))
+    return STRONG_MIN_RATIO + (1 - STRONG_MIN_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def best_precision() -> str:
+    """bf16 where this CPU computes it natively, fp32 elsewhere: each side's best here."""
+    from kimbho.device import pick_precision
+
+    return "bf16" if pick_precision("auto", torch.device("cpu")) == torch.bfloat16 else "fp32"
+
+
 def validation_windows(data_dir: Path) -> tuple[list[torch.Tensor], int]:
     """The whole validation split as windows of SEQ_LEN + 1 tokens, and the UTF-8 bytes of the
     tokens they predict (every token after the first): bits per byte's denominator, as Kimbho's."""

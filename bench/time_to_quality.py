@@ -8,6 +8,11 @@ tokenizer and data, the same batch size and sequence length, the same validation
 (bf16 is emulated and ~60x slower on a CPU without AMX; see docs/performance.md). The clock counts training
 only: it stops while the validation set is scored (every `--eval-every` seconds), for both.
 
+`--which hf-strong` is the fair peer: the same model with the recipe users tune it with
+(nanoGPT's: fused AdamW lr 1e-3, betas (0.9, 0.95), weight decay 0.1 on matrices, 50 warm-up
+steps, cosine to 10%, clipping at 1.0), in bf16 autocast where the CPU has native bf16 (Kimbho's
+`precision=auto` picks the same), 10 minutes.
+
 Both recipes decay their learning rate over the whole budget: after 10 steps each measures its
 speed and sets its run length to what the rest of the budget holds, then re-estimates it after
 every step from the speed so far until 90% of the run is done: a shared machine's speed drifts by
@@ -42,6 +47,8 @@ from _common import (
     DEFAULT_CORPUS,
     RESULTS,
     SEQ_LEN,
+    STRONG_LR,
+    best_precision,
     bits_per_byte,
     hf_model,
     hf_train_step,
@@ -49,6 +56,8 @@ from _common import (
     model_config,
     prepared_data,
     save_results,
+    strong_hf_lr,
+    strong_hf_optimizer,
     validation_windows,
 )
 
@@ -68,8 +77,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--which", choices=("kimbho", "hf"))
-    parser.add_argument("--minutes", type=float, default=None, help="training budget (kimbho 10, hf 20)")
+    parser.add_argument("--which", choices=("kimbho", "hf", "hf-strong"))
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="training budget (kimbho 10, hf 20, hf-strong 10)"
+    )
     parser.add_argument("--chunk-minutes", type=float, default=10.0, help="stop after this much, resumably")
     parser.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evals")
     parser.add_argument("--data", type=Path, default=DEFAULT_CORPUS, help="text corpus (tinyshakespeare)")
@@ -81,14 +92,18 @@ def main() -> None:
         report(load_results(RESULTS_FILE))
         return
     if args.which is None:
-        parser.error("pass --which kimbho|hf, or --report")
+        parser.error("pass --which kimbho|hf|hf-strong, or --report")
     if args.set and args.which != "kimbho":
         parser.error("--set applies to kimbho's recipe only")
-    minutes = args.minutes or (10.0 if args.which == "kimbho" else 20.0)
+    minutes = args.minutes or (20.0 if args.which == "hf" else 10.0)
     label = args.which + "".join(f"[{item}]" for item in args.set)
     torch.manual_seed(0)
     data_dir = prepared_data(args.data)
-    leg = KimbhoLeg(data_dir, args.set) if args.which == "kimbho" else HFLeg(data_dir)
+    leg = (
+        KimbhoLeg(data_dir, args.set)
+        if args.which == "kimbho"
+        else HFLeg(data_dir, args.which == "hf-strong")
+    )
     run_leg(leg, label, minutes * 60, args.chunk_minutes * 60, args.eval_every, data_dir, args.restart)
 
 
@@ -129,28 +144,45 @@ class KimbhoLeg:
 
 
 class HFLeg:
-    """`LlamaForCausalLM` with the HF Trainer's default AdamW and a cosine schedule at lr 3e-4."""
+    """`LlamaForCausalLM` with the HF Trainer's default AdamW and a cosine schedule at lr 3e-4
+    in fp32, or (`strong`) the strong recipe (`_common.strong_hf_optimizer`: lr 1e-3, betas
+    (0.9, 0.95), weight decay 0.1 on matrices, 50 warm-up steps, cosine to 10%) in this CPU's
+    best precision."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, strong: bool = False) -> None:
         self.batch_size = TrainConfig().batch_size  # the same batch as Kimbho's default recipe
         self.model = hf_model(model_config())
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=HF_LR, weight_decay=0.0, fused=True)
         self.total_steps = 0
-        # transformers' get_cosine_schedule_with_warmup without warm-up, written out so that the
-        # run length can be re-estimated during the run (see `run_leg`).
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: (
+        self.dtype = torch.bfloat16 if strong and best_precision() == "bf16" else torch.float32
+        if strong:
+            self.optimizer = strong_hf_optimizer(self.model)
+            multiplier = lambda step: strong_hf_lr(step, self.total_steps or 10**9)  # noqa: E731
+        else:
+            self.optimizer = torch.optim.AdamW(
+                self.model.parameters(), lr=HF_LR, weight_decay=0.0, fused=True
+            )
+            # transformers' get_cosine_schedule_with_warmup without warm-up, written out so that
+            # the run length can be re-estimated during the run (see `run_leg`).
+            multiplier = lambda step: (  # noqa: E731
                 0.5 * (1 + math.cos(math.pi * min(1.0, step / self.total_steps))) if self.total_steps else 1.0
-            ),
-        )
+            )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, multiplier)
         self.sampler = RandomWindowSampler(TokenStream(data_dir, "train"), SEQ_LEN, self.batch_size, seed=0)
         self.recipe = {
-            "optimizer": "torch AdamW (fused), betas (0.9, 0.999), weight_decay 0",
-            "lr": HF_LR,
-            "schedule": "cosine to 0, no warm-up (as transformers.get_cosine_schedule_with_warmup)",
+            "optimizer": (
+                "torch AdamW (fused), betas (0.9, 0.95), weight_decay 0.1 on matrices"
+                if strong
+                else "torch AdamW (fused), betas (0.9, 0.999), weight_decay 0"
+            ),
+            "lr": STRONG_LR if strong else HF_LR,
+            "schedule": (
+                "50 warm-up steps, cosine to 10%"
+                if strong
+                else "cosine to 0, no warm-up (as transformers.get_cosine_schedule_with_warmup)"
+            ),
             "grad_clip": 1.0,
+            "precision": str(self.dtype).removeprefix("torch."),
             "batch_size": self.batch_size,
             "seq_len": SEQ_LEN,
         }
@@ -159,7 +191,8 @@ class HFLeg:
         self.total_steps = self.recipe["max_steps"] = steps
 
     def step(self, step: int) -> float:
-        loss = hf_train_step(self.model, self.optimizer, *self.sampler.batch(step))
+        batch = self.sampler.batch(step)
+        loss = hf_train_step(self.model, self.optimizer, batch.inputs, batch.targets, dtype=self.dtype)
         self.schedule.step()
         return loss
 
@@ -297,32 +330,41 @@ def report(results: dict[str, Any]) -> None:
         print("  train min   val bpb   best so far")
         for (seconds, bpb), (_, best) in zip(r["curve"], best_so_far(r["curve"]), strict=True):
             print(f"  {seconds / 60:9.1f}   {bpb:7.4f}   {best:7.4f}")
-    if "kimbho" in results and "hf" in results:
-        kimbho, hf = results["kimbho"], results["hf"]
-        hf_best = min(b for _, b in hf["curve"])
+    peers = {
+        "hf": "HF + AdamW, cosine, lr 3e-4",
+        "hf-strong": "HF, strong recipe (AdamW lr 1e-3, wd 0.1, warm-up, cosine)",
+    }
+    present = [p for p in peers if p in results]
+    if "kimbho" in results and present:
+        kimbho = results["kimbho"]
         k_best = min(b for _, b in kimbho["curve"])
-        reach = time_to_reach(kimbho["curve"], hf_best)
-        hf_reach = time_to_reach(hf["curve"], hf_best)
+        print(f"\nKimbho default recipe, {kimbho['budget_min']:.0f} min: best val bpb {k_best:.4f}")
         print(
-            f"\nHugging Face + AdamW, {hf['budget_min']:.0f} min: best val bpb {hf_best:.4f} (at {hf_reach / 60:.1f} min)"
+            "\n| training minutes | Kimbho, default recipe | " + " | ".join(peers[p] for p in present) + " |"
         )
-        print(f"Kimbho default recipe, {kimbho['budget_min']:.0f} min: best val bpb {k_best:.4f}")
-        print("\n| training minutes | Kimbho, default recipe | HF + AdamW, cosine, lr 3e-4 |")
-        print("|---|---|---|")
+        print("|---|---|" + "---|" * len(present))
         for minutes in (2.5, 5, 10, 20):
-            cells = [bpb_at(r["curve"], minutes * 60) for r in (kimbho, hf)]
+            cells = [bpb_at(r["curve"], minutes * 60) for r in (kimbho, *(results[p] for p in present))]
             print(f"| {minutes:g} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
-        if reach is not None:
-            print(f"Kimbho reaches HF's best in {reach / 60:.1f} min: {hf_reach / reach:.2f}x sooner")
-        else:
-            print("Kimbho does not reach HF's best within its budget")
-        hf_to_ours = time_to_reach(hf["curve"], k_best)
-        if hf_to_ours is not None:
-            k_time = time_to_reach(kimbho["curve"], k_best)
+        for peer in present:
+            hf = results[peer]
+            hf_best = min(b for _, b in hf["curve"])
+            hf_reach = time_to_reach(hf["curve"], hf_best)
+            reach = time_to_reach(kimbho["curve"], hf_best)
             print(
-                f"HF reaches Kimbho's best ({k_best:.4f}) in {hf_to_ours / 60:.1f} min, Kimbho in "
-                f"{k_time / 60:.1f}: {hf_to_ours / k_time:.2f}x"
+                f"\n{peers[peer]}, {hf['budget_min']:.0f} min: best val bpb {hf_best:.4f} (at {hf_reach / 60:.1f} min)"
             )
+            if reach is not None:
+                print(f"Kimbho reaches it in {reach / 60:.1f} min: {hf_reach / reach:.2f}x sooner")
+            else:
+                print("Kimbho does not reach it within its budget")
+            hf_to_ours = time_to_reach(hf["curve"], k_best)
+            if hf_to_ours is not None:
+                k_time = time_to_reach(kimbho["curve"], k_best)
+                print(
+                    f"{peer} reaches Kimbho's best ({k_best:.4f}) in {hf_to_ours / 60:.1f} min, Kimbho in "
+                    f"{k_time / 60:.1f}: {hf_to_ours / k_time:.2f}x"
+                )
     plot(results)
 
 
@@ -333,13 +375,17 @@ def plot(results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    names = {"kimbho": "Kimbho, default recipe", "hf": f"HF LlamaForCausalLM + AdamW (cosine, lr {HF_LR:g})"}
+    names = {
+        "kimbho": "Kimbho, default recipe",
+        "hf": f"HF LlamaForCausalLM + AdamW (cosine, lr {HF_LR:g})",
+        "hf-strong": f"HF LlamaForCausalLM, strong recipe (AdamW lr {STRONG_LR:g}, wd 0.1, warm-up, cosine)",
+    }
     for label, r in results.items():
         if label not in names:
             continue
         minutes = [s / 60 for s, _ in r["curve"]]
         ax.plot(minutes, [b for _, b in r["curve"]], marker="o", markersize=3, label=names[label])
-    ax.set_xlabel("training time (minutes, 2 CPU cores, fp32)")
+    ax.set_xlabel("training time (minutes, 2 CPU cores)")
     ax.set_ylabel("validation bits per byte")
     batch = results.get("kimbho", next(iter(results.values())))["recipe"]["batch_size"]
     ax.set_title(f"small preset on tinyshakespeare, batch {batch} x {SEQ_LEN}")
