@@ -232,6 +232,7 @@ def test_validation_reports_each_source(
     assert result["tokens"] == sum(s["tokens"] for s in result["by_source"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.precision
 def test_a_killed_mixture_run_resumes_bit_identically(bilingual: Path, tmp_path: Path) -> None:
     run = tiny_run_config(
@@ -265,6 +266,7 @@ def test_a_killed_mixture_run_resumes_bit_identically(bilingual: Path, tmp_path:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.precision
 def test_two_processes_read_the_same_mixed_batches_as_one(bilingual: Path, tmp_path: Path) -> None:
     from tests.test_distributed import TOLERANCE, kimbho_train, losses

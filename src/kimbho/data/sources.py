@@ -67,6 +67,7 @@ def default_name(path: str) -> str:
     p = Path(path).expanduser()
     if glob.has_magic(path):
         p = Path(*p.parts[: next(i for i, part in enumerate(p.parts) if glob.has_magic(part))])
+    p = p.resolve() if p.exists() else p  # "." is named after the folder it is
     name = p.stem if p.is_file() else p.name
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("._-") or "input"
 

@@ -77,7 +77,9 @@ def source_windows(
         return lambda start, length: stream.window(span.start + start, length)
 
     return {
-        name: eval_windows(window(span), span.tokens, seq_len, budgets[name]) for name, span in usable.items()
+        name: eval_windows(window(span), span.tokens, seq_len, budgets[name])
+        for name, span in usable.items()
+        if budgets[name] > 0  # a budget smaller than the number of sources leaves some out
     }
 
 
