@@ -1,6 +1,6 @@
 """Named sources, mixtures and continued pretraining, measured through the CLI on held-out text.
 
-    python bench/mixtures.py [--data tinyshakespeare.txt] [--steps 300] [--base-steps 600]   # ~20 min
+    python bench/mixtures.py [--data tinyshakespeare.txt] [--steps 300]   # ~20 min on 2 cores
 
 1. Tokenizers: a corpus of English (the first 10/11 of the text) and a minority "language" (the
    last 1/11, every letter substituted by a fixed permutation: English's statistics, no English
@@ -76,15 +76,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_CORPUS, help="the English text")
     parser.add_argument(
-        "--steps", type=int, default=300, help="steps of each mixture run and each continued pretraining"
+        "--steps", type=int, default=300, help="steps of each run: mixtures, the base, each continuation"
     )
-    parser.add_argument("--base-steps", type=int, default=600, help="steps of the base model")
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kimbho-mix-"))
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, object] = {"cpu": cpu_name(), "steps": args.steps, "base_steps": args.base_steps}
+    results: dict[str, object] = {"cpu": cpu_name(), "steps": args.steps}
     start = time.perf_counter()
 
     # 1. Tokenizers, balanced and not.

@@ -87,8 +87,10 @@ def summarize_sources(per_source: Mapping[str, tuple[float, int, int]]) -> dict[
     """`summarize` over all sources' (nats, tokens, bytes) together and, when there are several,
     `by_source`: each one's `val_loss`, `val_bpb` and `tokens` (the keys of metrics.jsonl's eval
     records). One source adds nothing to the overall numbers, so its records read as before."""
-    nats, tokens, num_bytes = (sum(values) for values in zip(*per_source.values(), strict=True))
-    result: dict[str, Any] = summarize(nats, tokens, num_bytes)
+    nats = sum(n for n, _, _ in per_source.values())
+    tokens = sum(t for _, t, _ in per_source.values())
+    num_bytes = sum(b for _, _, b in per_source.values())
+    result: dict[str, Any] = summarize(nats, tokens, num_bytes)  # nothing at all is an error
     if len(per_source) > 1:
         result["by_source"] = {}
         for name, (n, t, b) in per_source.items():
