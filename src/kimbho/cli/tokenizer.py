@@ -35,8 +35,7 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> None:
     rows = tokenizer_report(tokenizer, CorpusSource(args.input, args.text_field))
     for row in rows:
         print(json.dumps(row), flush=True)
-    counts = {r["source"]: (r["bytes"], round(r["bytes"] / r["bytes_per_token"])) for r in rows if r["bytes"]}
-    for warning in poor_fits(counts):
+    for warning in poor_fits({r["source"]: (r["bytes"], r["tokens"]) for r in rows}):
         log.warning(warning)
 
 

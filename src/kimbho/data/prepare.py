@@ -27,9 +27,6 @@ log = logging.getLogger("kimbho")
 DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per shard buffer
 
 
-_ENCODE_BATCH_BYTES = 4 * 1024 * 1024
-
-
 def prepare(
     inputs: list[str] | None,
     out_dir: str | os.PathLike[str],
@@ -103,15 +100,7 @@ def _write_shards(
             writers[split].write(name, ids, num_bytes, eot if section.end_of_document else None)
             progress.update(num_bytes)
 
-    batch: list[tuple[str, Section]] = []
-    size = 0
-    for name, section in source.named_sections(report):
-        batch.append((name, section))
-        size += len(section.text)
-        if size >= _ENCODE_BATCH_BYTES:
-            flush(batch)
-            batch, size = [], 0
-    if batch:
+    for batch in source.batches(report):
         flush(batch)
     progress.close()
 

@@ -38,6 +38,7 @@ _NAMED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)$")
 # into pieces by the tokenizer (a script it has few merges for): warned about.
 POOR_FIT = 0.5
 _FIT_BYTES = 4096
+ENCODE_BATCH_CHARS = 4 * 1024 * 1024
 
 
 def parse_inputs(specs: list[str]) -> dict[str, list[Path]]:
@@ -92,6 +93,22 @@ class CorpusSource:
 
     def texts(self) -> Iterator[str]:
         return (s.text for _, s in self.named_sections())
+
+    def batches(
+        self, report: CorpusReport | None = None, max_chars: int = ENCODE_BATCH_CHARS
+    ) -> Iterator[list[tuple[str, Section]]]:
+        """`named_sections` in lists of about `max_chars` characters: what a tokenizer's batch
+        call encodes at once (in parallel, with bounded memory)."""
+        batch: list[tuple[str, Section]] = []
+        size = 0
+        for item in self.named_sections(report):
+            batch.append(item)
+            size += len(item[1].text)
+            if size >= max_chars:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
 
     def balanced_texts(self) -> Iterator[str]:
         """A tokenizer's training sample in which every source weighs as much as the largest:
@@ -217,32 +234,22 @@ def shares(sizes: Mapping[str, int], total: int | None) -> dict[str, int]:
 def tokenizer_report(tokenizer: Tokenizer, source: CorpusSource) -> list[dict[str, Any]]:
     """How well `tokenizer` fits each source: UTF-8 bytes per token (higher: longer merges) and
     tokens per whitespace-separated word (higher: words cut into more pieces), over all its text."""
-    counts: dict[str, list[int]] = {}  # name -> [bytes, tokens, words]
-    batch: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        for (name, text), ids in zip(batch, tokenizer.encode_batch([t for _, t in batch]), strict=True):
-            c = counts.setdefault(name, [0, 0, 0])
-            c[0] += len(text.encode())
+    counts = {name: [0, 0, 0] for name in source.inputs()}  # name -> [bytes, tokens, words]
+    for batch in source.batches():
+        for (name, section), ids in zip(
+            batch, tokenizer.encode_batch([s.text for _, s in batch]), strict=True
+        ):
+            c = counts[name]
+            c[0] += len(section.text.encode())
             c[1] += len(ids)
-            c[2] += len(text.split())
-        batch.clear()
-
-    size = 0
-    for name, section in source.named_sections():
-        counts.setdefault(name, [0, 0, 0])
-        batch.append((name, section.text))
-        size += len(section.text)
-        if size >= 4 * 1024 * 1024:
-            flush()
-            size = 0
-    flush()
+            c[2] += len(section.text.split())
     return [
         {
             "source": name,
             "bytes_per_token": b / t if t else 0.0,
             "tokens_per_word": t / w if w else 0.0,
             "bytes": b,
+            "tokens": t,
         }
         for name, (b, t, w) in counts.items()
     ]

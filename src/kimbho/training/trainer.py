@@ -164,17 +164,22 @@ class Trainer:
             self.cfg.seed,
             mixture=self._mixture(meta),
         )
+        spans = source_spans(meta, "train")
+        if self.world.is_main and self.init is not None and spans is not None:
+            # Continued pretraining on a source the model's tokenizer never saw.
+            for warning in poor_fits({name: (span.bytes, span.tokens) for name, span in spans.items()}):
+                log.warning(warning)
         self.train_data: RandomWindowSampler | chat_data.PackedSampler = train
         val = TokenStream(self.data_dir, "val") if meta["splits"]["val"]["tokens"] > 1 else None
         for stream in (train.stream, val):
             if check and stream is not None:
                 check_hash = self.cfg.verify_data == "true" or stream.nbytes < VERIFY_HASH_BELOW
                 stream.verify(meta["vocab_size"], check_hash)
-        spans = source_spans(meta, "val")
+        val_spans = source_spans(meta, "val")
 
         def sets() -> dict[str, Iterator[Batch]]:
             assert val is not None
-            windows = source_windows(val, spans, self.seq_len, self.cfg.eval_tokens)
+            windows = source_windows(val, val_spans, self.seq_len, self.cfg.eval_tokens)
             return {name: window_batches(w, self.micro_batch) for name, w in windows.items()}
 
         self.val_sets: Callable[[], dict[str, Iterator[Batch]]] | None = sets if val is not None else None
@@ -183,10 +188,6 @@ class Trainer:
         """`data.mix` and `data.mix_temperature` as each source's span and probability (None: rows
         drawn uniformly over all tokens, as without named sources)."""
         spans = source_spans(meta, "train")
-        if self.world.is_main and self.init is not None and spans is not None:
-            # Continued pretraining on a source the model's tokenizer never saw.
-            for warning in poor_fits({name: (span.bytes, span.tokens) for name, span in spans.items()}):
-                log.warning(warning)
         data = self.run.data
         if not data.mixed:
             return None
