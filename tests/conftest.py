@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -21,6 +22,20 @@ from kimbho.cli import main as cli_main
 from kimbho.config import KimbhoConfig, RunConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Engines decode eager unless a test asks for the compiled step (tests/test_decode_package.py):
+# a background build for every served or evaluated tiny model would cost the suite minutes of
+# CPU. Set in the environment so the servers tests start as subprocesses inherit it.
+os.environ.setdefault("KIMBHO_COMPILE_DECODE", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decode_packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The suite's own cache of compiled decode steps: built by the tests that compile, shared
+    among them, and never the user's."""
+    root = tmp_path_factory.mktemp("kimbho-cache")
+    os.environ["KIMBHO_CACHE_DIR"] = str(root)
+    return root / "decode"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

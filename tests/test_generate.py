@@ -175,7 +175,7 @@ def test_compiled_decode_step_picks_the_same_tokens(tiny_model, slots: int) -> N
     on the CPU) picks the eager step's greedy tokens."""
     prompts = [[12, 45, 67], [3], list(range(100, 120))]
     eager = kimbho.generate_batch(tiny_model, prompts, 20)
-    engine = Engine(tiny_model, slots=slots, max_len=40, compile=True)
+    engine = Engine(tiny_model, slots=slots, max_len=48, compile=True)
     rows = [list(p) for p in prompts]
     for event in engine.run([kimbho.Request(p, 20) for p in prompts]):
         rows[event.request_id].append(event.token)

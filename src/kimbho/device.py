@@ -95,12 +95,28 @@ def pick_inference_dtype(name: str, stored: torch.dtype, device: torch.device) -
     raise KimbhoError(f"unknown dtype {name!r}; use {', '.join(INFERENCE_DTYPES)}")
 
 
-def compile_decode(requested: bool | None, device: torch.device) -> bool:
-    """Whether generation compiles its decode step: the one decision every caller reads (the
-    engine, the slot length and slot count it is built with). `None` picks by device: CUDA yes
-    (a captured graph is several times faster); elsewhere no, as compiling costs seconds that a
-    short generation would not win back."""
-    return device.type == "cuda" if requested is None else bool(requested)
+COMPILE_DECODE_ENV = "KIMBHO_COMPILE_DECODE"
+
+
+def compile_decode(requested: bool | None, device: torch.device) -> bool | None:
+    """How generation runs its decode step: the one decision every caller reads (the engine, the
+    slot length and slot count it is built with). True: compiled before the first step; False:
+    eager; None: eager until the compiled step is ready, then compiled.
+
+    `requested=None` picks by device: CUDA True (a captured graph is several times faster); the
+    CPU None: its compiled step is built once per machine and model shape, in the background,
+    and loaded in milliseconds after that (`inference/decode_package.py`); other devices False.
+    `KIMBHO_COMPILE_DECODE=0` makes the CPU's pick False (eager), `1` True (wait for the build)."""
+    if requested is not None:
+        return bool(requested)
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    forced = os.environ.get(COMPILE_DECODE_ENV, "").strip()
+    if forced not in ("", "0", "1"):
+        raise KimbhoError(f"{COMPILE_DECODE_ENV}={forced!r}: use 1 (compile), 0 (eager), or leave it unset")
+    return (forced == "1") if forced else None
 
 
 def adamw_fused(device: torch.device) -> bool:

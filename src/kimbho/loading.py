@@ -65,8 +65,9 @@ def load(
 ) -> tuple[KimbhoV1Model, Tokenizer]:
     """`(model, tokenizer)` from a run directory, a checkpoint directory or a local Hugging Face
     Llama directory, in eval mode. `device` is `auto|cpu|cuda|cuda:N|mps` (or a torch.device);
-    `dtype` is the weights' precision, `auto|fp32|bf16` (see `device.pick_inference_dtype`:
-    auto keeps the stored precision where the device computes in it natively). A LoRA run loads
+    `dtype` is the weights' precision, `auto|fp32|bf16|int8` (see `device.pick_inference_dtype`:
+    auto keeps the stored precision where the device computes in it natively; int8 quantizes the
+    linear layers' weights, `model/quantize.py`, and computes in fp32). A LoRA run loads
     as its base with the adapters merged in, once the base is checked to be the one they adapt."""
     target = device if isinstance(device, torch.device) else pick_device(device)
     ckpt = resolve_checkpoint(path)
@@ -91,10 +92,14 @@ def load(
         raise KimbhoError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model was built for {model.config.vocab_size}"
         )
-    weights_dtype = pick_inference_dtype(dtype, stored, target)
+    weights_dtype = pick_inference_dtype("fp32" if dtype == "int8" else dtype, stored, target)
     model.to(target)
     for param in model.parameters():  # parameters only: the rotary tables stay fp32
         param.data = param.data.to(weights_dtype)
+    if dtype == "int8":
+        from .model.quantize import quantize_int8
+
+        quantize_int8(model)
     return model.eval(), tokenizer
 
 

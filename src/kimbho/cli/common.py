@@ -13,9 +13,13 @@ def load_model(args: argparse.Namespace, dtype: str | None = None):
 
 
 def add_inference_options(
-    parser: argparse.ArgumentParser, device: bool = True, dtype_help: str = "precision of the weights"
+    parser: argparse.ArgumentParser,
+    device: bool = True,
+    dtype_help: str = "precision of the weights (int8: weight-only quantization)",
+    dtypes: tuple[str, ...] | None = None,
 ) -> None:
-    """--device and --dtype, as every inference command takes them (INTERFACE.md)."""
+    """--device and --dtype, as every inference command takes them (INTERFACE.md); `dtypes`
+    narrows the choices (a written file takes no int8)."""
     from ..inference.defaults import INFERENCE_DTYPES
 
     if device:
@@ -28,7 +32,7 @@ def add_inference_options(
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=INFERENCE_DTYPES,
+        choices=dtypes or INFERENCE_DTYPES,
         help=f"{dtype_help}: auto keeps the checkpoint's where the device computes it natively (default auto)",
     )
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..inference.defaults import FILE_DTYPES
 from .common import add_inference_options, load_model
 
 if TYPE_CHECKING:
@@ -127,7 +128,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="a LoRA run's adapters alone, as a PEFT adapter directory (default: merged into the base)",
     )
-    add_inference_options(exp_hf, device=False, dtype_help="precision of the written weights")
+    add_inference_options(
+        exp_hf, device=False, dtype_help="precision of the written weights", dtypes=FILE_DTYPES
+    )
     exp_hf.set_defaults(func=cmd_export_hf)
     exp_gguf = export_sub.add_parser("gguf", help="GGUF file for llama.cpp")
     exp_gguf.add_argument("model", metavar="MODEL", help=model_help)

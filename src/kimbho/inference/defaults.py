@@ -11,5 +11,7 @@ DEFAULT_TOP_P = 0.95
 # gave infinities, then NaN). The HTTP API takes the same range.
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
-# `--dtype` of the inference commands (weights for inference; see `device.pick_inference_dtype`).
-INFERENCE_DTYPES = ("auto", "fp32", "bf16")
+# `--dtype` of the inference commands (weights for inference; see `device.pick_inference_dtype`;
+# int8 is weight-only quantization, `model/quantize.py`). A written file takes the float ones only.
+INFERENCE_DTYPES = ("auto", "fp32", "bf16", "int8")
+FILE_DTYPES = ("auto", "fp32", "bf16")

@@ -16,12 +16,13 @@ Each sequence draws from its own seeded `torch.Generator` and rows never mix in 
 pass, so a request's tokens do not depend on what else shares the batch (up to the rounding of
 batched matrix products).
 
-The decode step is a plain function of static-shape tensors. In eager mode (the default on the
-CPU) it runs on the slots in use and the cached positions filled so far. With `compile=True`
-(the default on CUDA) it always runs on every slot and the whole cache, so one compiled graph
-serves every step: on CUDA captured in a CUDA graph; on the CPU with its few-row matrix products
-rewritten to read the weights at memory speed (`small_matmul`), several times eager's tokens/s
-at batch 1 for a compile once per process (docs/generation.md, Decode speed).
+The decode step is a plain function of static-shape tensors. Eager, it runs on the slots in use
+and the cached positions filled so far. Compiled, it always runs on every slot and the whole
+cache, so one compiled graph serves every step: on CUDA captured in a CUDA graph; on the CPU
+with its few-row matrix products rewritten to read the weights at memory speed (`small_matmul`),
+several times eager's tokens/s at batch 1 (docs/generation.md, Decode speed). `compile=None`
+picks (`device.compile_decode`): CUDA compiles before the first step; the CPU decodes eager while
+a background thread compiles, then switches (`decode_step.CompiledStep`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..data.tokenizer import TextStream, Tokenizer
 from ..device import compile_decode
 from ..errors import KimbhoError, RequestError
 from ..model import KimbhoV1Model
-from .decode_step import compiled_decode_step, decode_step
+from .decode_step import compiled_step, decode_step
 from .sampling import SamplingParams, draw, process_logits
 
 
@@ -109,8 +110,9 @@ class Engine:
     """Slots of one key/value cache, advanced together; see the module docstring.
 
     `slots` sequences of up to `max_len` tokens each (prompt + output; default: the model's
-    context). `tokenizer` is needed for text in events and for stop strings. `compile`: None
-    picks by device (`device.compile_decode`)."""
+    context). `tokenizer` is needed for text in events and for stop strings. `compile`: True
+    compiles the decode step before the first step, False keeps it eager, None picks by device
+    (`device.compile_decode`; on the CPU, eager until it is compiled in the background)."""
 
     def __init__(
         self,
@@ -139,8 +141,10 @@ class Engine:
         self._seen: torch.Tensor | None = None  # (slots, vocab) prompt + output tokens, for penalties
         self._counts: torch.Tensor | None = None  # (slots, vocab) output token counts
         self._next_id = 0
-        self.compiled = compile_decode(compile, self.device)
-        self._decode_step = compiled_decode_step(self.cache, self.device) if self.compiled else decode_step
+        mode = compile_decode(compile, self.device)
+        self.compiled_step = (
+            None if mode is False else compiled_step(model, self.cache, self.device, wait=mode is True)
+        )
 
     @property
     def slots(self) -> int:
@@ -326,7 +330,8 @@ class Engine:
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """Append tokens[i] to slot slots[i], all in one forward pass; returns their fp32 logits
         (len(slots), vocab). Other slots are untouched."""
-        if self.compiled:
+        compiled = self.compiled_step is not None and self.compiled_step.ready
+        if compiled:
             rows, keys, values = self.slots, self.cache.keys, self.cache.values
         else:  # only the slots up to the last one fed, and only the positions filled so far
             rows = max(slots) + 1
@@ -337,15 +342,12 @@ class Engine:
         # A slot not fed writes a throwaway key at its next free position, which its own next
         # token overwrites; a free slot has length 0.
         positions = [min(n, self.max_len - 1) for n in self.lengths[:rows]]
-        kv_len = self.max_len if self.compiled else max(positions) + 1
-        logits = self._decode_step(
-            self.model,
-            torch.tensor(feed, device=self.device),
-            torch.tensor(positions, device=self.device),
-            keys,
-            values,
-            kv_len,
-        )  # (rows, vocab)
+        tokens_t = torch.tensor(feed, device=self.device)
+        positions_t = torch.tensor(positions, device=self.device)
+        if compiled:  # (rows, vocab)
+            logits = self.compiled_step(tokens_t, positions_t, keys, values)  # type: ignore[misc]
+        else:
+            logits = decode_step(self.model, tokens_t, positions_t, keys, values, max(positions) + 1)
         for slot in slots:
             self.lengths[slot] += 1
         return logits[list(slots)].float()  # a copy: a CUDA graph reuses its output buffer

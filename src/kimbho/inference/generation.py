@@ -107,7 +107,7 @@ def generate_batch(
         ]
         return [[*r.prompt, *b.tokens] for r, b in zip(requests, best, strict=True)]
     slots = min(len(requests), MAX_SLOTS)
-    if compile:  # a power of two: a few shapes, each compiled once (a process compiles at most 8)
+    if compile is not False:  # a power of two: a few shapes, each compiled once (at most 8 a process)
         slots = 1 << (slots - 1).bit_length()
     engine = Engine(model, slots=slots, max_len=max_len, compile=compile)
     outputs = [list(r.prompt) for r in requests]
@@ -201,11 +201,12 @@ def _check_beams(num_beams: int, params: SamplingParams, seed: int | None) -> No
         )
 
 
-def _slot_length(model: KimbhoV1Model, needed: int, compile: bool) -> int:
-    """The engine's slot length: what the longest sequence needs, or with compiling the whole
-    context, so that every call reuses the graphs compiled for that shape."""
+def _slot_length(model: KimbhoV1Model, needed: int, compile: bool | None) -> int:
+    """The engine's slot length: what the longest sequence needs, or where the step is compiled
+    (now or in the background) the whole context, so that every call reuses the graphs compiled
+    for that shape."""
     context = model.config.max_seq_len
-    return context if compile else min(needed, context)
+    return context if compile is not False else min(needed, context)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> torch.Tensor:
