@@ -3,13 +3,17 @@ the validation set both sides are scored on."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import platform
 import resource
 import sys
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ import kimbho  # noqa: E402
 from kimbho.config import KimbhoConfig  # noqa: E402
 from kimbho.data.shards import TokenStream, eval_windows  # noqa: E402
 from kimbho.device import autocast  # noqa: E402
+from kimbho.interop.gguf import export_gguf  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CACHE = REPO / "bench" / ".cache"
@@ -182,3 +187,70 @@ def cpu_name() -> str:
     )
     extensions = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
     return f"{name or platform.machine()} ({extensions[0] if extensions else 'no AVX2'})"
+
+
+def llama_cpp_available() -> bool:
+    """Whether llama.cpp's Python bindings are installed: they are optional (`make llama-cpp`
+    compiles them for half an hour), so its columns are too."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@functools.cache
+def _gguf_tokenizer(vocab_size: int) -> kimbho.Tokenizer:
+    """A byte-level BPE of at most `vocab_size` tokens, trained in about a second on CPython's own
+    help text (no download): `export_gguf` needs a tokenizer whose ids fit the model's vocabulary
+    and the bench models have none. The prompts are ids, so what it learns does not matter."""
+    from pydoc_data.topics import topics
+
+    return kimbho.Tokenizer.train(topics.values(), vocab_size)
+
+
+def gguf_twin(model: kimbho.KimbhoV1Model, dtype: str, directory: Path) -> Path:
+    """`model` as the GGUF file Kimbho exports (`dtype` f32 or q8_0 for the matrices) in
+    `directory`: llama.cpp then runs exactly the weights Kimbho does, through the export users get."""
+    out = Path(directory) / f"{dtype}.gguf"
+    return export_gguf(model, _gguf_tokenizer(model.config.vocab_size), out, dtype=dtype, force=True)
+
+
+def llama_cpp_run(path: Path, prompts: torch.Tensor, new: int, threads: int) -> Callable[[], list[list[int]]]:
+    """llama.cpp's greedy continuation of each row of `prompts`, `new` tokens each, as a runner like
+    `kimbho_run` (the new ids per prompt). Rows run one after another at batch 1, the cache cleared
+    between, on the bindings' defaults: an f16 key/value cache (llama.cpp's own default) and no
+    flash attention (whose f16 query rounding moves greedy f32 tokens off Kimbho's within a
+    hundred). The file is loaded here, outside the timed call, with the file's context (the
+    model's `max_seq_len`). Greedy is an argmax over a view of the last position's logits:
+    cheaper than llama.cpp's greedy sampler once the vocabulary is in the thousands (it copies
+    the logits into a candidate array first). No end-of-text stops a row early."""
+    import llama_cpp
+    import numpy as np
+
+    rows = prompts.tolist()
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=0,  # the file's context length
+        n_batch=prompts.shape[1],  # the whole prompt in one decode
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    vocab = llm.n_vocab()
+
+    def last_argmax() -> int:
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(vocab,)).argmax())
+
+    def run() -> list[list[int]]:
+        out: list[list[int]] = []
+        for row in rows:
+            llm.reset()  # the next eval drops the cache past position 0
+            llm.eval(row)
+            tokens = [last_argmax()]
+            for _ in range(new - 1):  # the last token is not fed back: neither peer does
+                llm.eval(tokens[-1:])
+                tokens.append(last_argmax())
+            out.append(tokens)
+        return out
+
+    # Freed while the interpreter still can: at exit, `Llama.__del__` raises from a torn-down module.
+    weakref.finalize(run, llm.close)
+    return run

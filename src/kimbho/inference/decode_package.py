@@ -282,7 +282,8 @@ def build(spec_file: Path) -> None:
         if _signature(model) != spec["constants"]:
             raise RuntimeError("the rebuilt model's tensors differ from the engine's model")
         cache = model.new_cache(spec["slots"], spec["max_len"], dtype=getattr(torch, spec["cache"]))
-        tokens, positions = (torch.zeros(spec["slots"], dtype=torch.long) for _ in range(2))  # not one tensor twice
+        # Two tensors, not one twice: export would bind both arguments to the one input.
+        tokens, positions = (torch.zeros(spec["slots"], dtype=torch.long) for _ in range(2))
         inputs = (tokens, positions, cache.keys, cache.values)
         with torch.no_grad():
             exported = torch.export.export(_Step(model.eval(), spec["max_len"]), inputs)
