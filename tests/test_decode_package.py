@@ -12,6 +12,7 @@ import torch
 import kimbho
 from kimbho.config import KimbhoConfig
 from kimbho.device import COMPILE_DECODE_ENV, compile_decode
+from kimbho.inference import decode_package
 from kimbho.inference.decode_package import CACHE_DIR_ENV, package_name, spec_of
 from kimbho.inference.engine import Engine, Request
 
@@ -26,14 +27,17 @@ def _tokens(engine: Engine) -> list[list[int]]:
     return [[*p, *new[i]] for p, i in zip(PROMPTS, sorted(new), strict=True)]
 
 
-def _package(model: kimbho.KimbhoV1Model, slots: int, max_len: int, root: Path) -> Path:
-    return root / "decode" / f"{package_name(spec_of(model, model.new_cache(slots, max_len)))}.pt2"
+def _package(model: kimbho.KimbhoV1Model, slots: int, rows: int, root: Path) -> Path:
+    """The package of `model`'s step over `rows` of `slots` slots of 48 positions."""
+    return root / "decode" / f"{package_name(spec_of(model, model.new_cache(slots, 48), rows))}.pt2"
 
 
 @pytest.fixture(autouse=True)
 def _compile_by_default(monkeypatch) -> None:
-    """Undo the suite's KIMBHO_COMPILE_DECODE=0: here the CPU's default is under test."""
+    """Undo the suite's KIMBHO_COMPILE_DECODE=0: here the CPU's default is under test. And each
+    test sees the warnings a process gives once."""
     monkeypatch.delenv(COMPILE_DECODE_ENV, raising=False)
+    monkeypatch.setattr(decode_package, "_WARNED", set())
 
 
 def test_the_cpu_default_is_the_compiled_step_built_in_the_background(monkeypatch) -> None:
@@ -56,31 +60,33 @@ def test_engines_decode_eager_until_the_package_is_built_then_share_it(tmp_path:
     model = kimbho.KimbhoV1Model(KimbhoConfig.from_preset("tiny")).eval()
     eager = kimbho.generate_batch(model, PROMPTS, 20, compile=False)
     engine = Engine(model, slots=2, max_len=48)
-    assert engine.compiled_step is not None and not engine.compiled_step.ready
+    assert engine.compiled is not None and not engine.compiled.ready
     assert _tokens(engine) == eager  # while it builds
-    assert engine.compiled_step.wait(timeout=600)
-    assert _tokens(engine) == eager  # compiled
-    built = [p.name for p in (tmp_path / "decode").iterdir()]
-    assert built == [_package(model, 2, 48, tmp_path).name]  # no lock, log or partial file left
+    assert engine.compiled.wait(timeout=600)
+    assert engine.compiled.step_for(1)[0] == 1 and engine.compiled.step_for(2)[0] == 2  # type: ignore[index]
+    assert _tokens(engine) == eager  # compiled: both prompts, then the longer one alone
+    built = sorted(p.name for p in (tmp_path / "decode").iterdir())
+    # A package per bucket of slots, and no lock, log, spec or partial file left.
+    assert built == sorted(_package(model, 2, rows, tmp_path).name for rows in (1, 2))
     # Another model of the same shape binds its own weights to the same package, at once.
     torch.manual_seed(1)
     other = kimbho.KimbhoV1Model(KimbhoConfig.from_preset("tiny")).eval()
     second = Engine(other, slots=2, max_len=48)
-    assert second.compiled_step is not None and second.compiled_step.ready
+    assert second.compiled is not None and second.compiled.ready
     assert _tokens(second) == kimbho.generate_batch(other, PROMPTS, 20, compile=False) != eager
-    assert [p.name for p in (tmp_path / "decode").iterdir()] == built  # nothing rebuilt
+    assert sorted(p.name for p in (tmp_path / "decode").iterdir()) == built  # nothing rebuilt
 
 
 def test_a_damaged_package_is_removed_and_the_engine_decodes_eager(
     tiny_model, tmp_path: Path, monkeypatch, kimbho_log: list[str]
 ) -> None:
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
-    package = _package(tiny_model, 2, 48, tmp_path)
+    package = _package(tiny_model, 1, 1, tmp_path)
     package.parent.mkdir(parents=True)
     package.write_bytes(b"not a package")
     (package.with_suffix(".lock")).write_text("1")  # pid 1 is alive: no build is started
-    engine = Engine(tiny_model, slots=2, max_len=48)
-    assert not engine.compiled_step.ready  # type: ignore[union-attr]
+    engine = Engine(tiny_model, slots=1, max_len=48)
+    assert not engine.compiled.ready  # type: ignore[union-attr]
     assert not package.exists()
     assert [m for m in kimbho_log if "could not be loaded" in m and "decoding eager" in m]
     assert _tokens(engine) == kimbho.generate_batch(tiny_model, PROMPTS, 20, compile=False)
@@ -90,13 +96,13 @@ def test_a_failed_build_is_reported_once_not_retried(
     tiny_model, tmp_path: Path, monkeypatch, kimbho_log: list[str]
 ) -> None:
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
-    package = _package(tiny_model, 2, 48, tmp_path)
+    package = _package(tiny_model, 1, 1, tmp_path)
     package.parent.mkdir(parents=True)
     package.with_suffix(".failed").write_text("CppCompileError: no C++ compiler")
-    engine = Engine(tiny_model, slots=2, max_len=48)
-    assert not engine.compiled_step.ready  # type: ignore[union-attr]
+    engine = Engine(tiny_model, slots=1, max_len=48)
+    assert not engine.compiled.ready  # type: ignore[union-attr]
     assert [m for m in kimbho_log if "no C++ compiler" in m and "to retry" in m]
     assert _tokens(engine) == kimbho.generate_batch(tiny_model, PROMPTS, 20, compile=False)
     assert not package.with_suffix(".lock").exists()  # no builder was started
     with pytest.raises(kimbho.KimbhoError, match="compiling the decode step failed .*no C\\+\\+ compiler"):
-        Engine(tiny_model, slots=2, max_len=48, compile=True)
+        Engine(tiny_model, slots=1, max_len=48, compile=True)

@@ -169,7 +169,7 @@ def test_empty_prompt_starts_from_end_of_text(tokenizer) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.parametrize("slots", [2])  # buckets of 1 and 2 slots: three prompts in two slots use both
 def test_compiled_decode_step_picks_the_same_tokens(tiny_model, slots: int) -> None:
     """The compiled decode step (static shapes, whole cache, matrix-vector products rewritten
     on the CPU) picks the eager step's greedy tokens."""

@@ -125,6 +125,7 @@ def _report(out: Path, data_dir: Path, model: KimbhoV1Model, tokenizer: Tokenize
                 temperature=DEFAULT_TEMPERATURE,
                 top_p=DEFAULT_TOP_P,
                 seed=0,
+                compile=False,  # three short samples: not worth a build that outlives the demo
             )
         )
         print(f"   > {prompt}{text}".replace("\n", "\n     "))

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model, KVCache
+from .decode_step import Step
 
 log = logging.getLogger("kimbho")
 
@@ -45,6 +46,11 @@ CACHE_DIR_ENV = "KIMBHO_CACHE_DIR"
 
 # Between looks for a package being built (a stat of one file).
 _LOOK_EVERY_S = 0.5
+
+# Loaded packages, by file and the tensors bound to them, least recently used first.
+_LOADED: dict[tuple[str, tuple[int, ...]], tuple[Any, dict[str, torch.Tensor]]] = {}
+_KEEP_LOADED = 8
+_WARNED: set[str] = set()  # packages this process has said it cannot use
 
 
 def cache_dir() -> Path:
@@ -80,9 +86,10 @@ def _constants(model: KimbhoV1Model) -> dict[str, torch.Tensor]:
     return named
 
 
-def spec_of(model: KimbhoV1Model, cache: KVCache) -> dict[str, Any]:
-    """Everything a builder needs to rebuild `model`'s shape, and the signature of its constants
-    (names, dtypes, shapes) that the rebuilt model must match."""
+def spec_of(model: KimbhoV1Model, cache: KVCache, rows: int) -> dict[str, Any]:
+    """Everything a builder needs to rebuild `model`'s shape, with the signature of its constants
+    (names, dtypes, shapes) that the rebuilt model must match. `rows`: the package steps the
+    first `rows` slots of the cache (a view of it, whose strides it is compiled for)."""
     from ..model.quantize import is_quantized
 
     floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
@@ -91,6 +98,7 @@ def spec_of(model: KimbhoV1Model, cache: KVCache) -> dict[str, Any]:
         "weights": str(floats[0]).removeprefix("torch."),
         "int8": is_quantized(model),
         "slots": cache.slots,
+        "rows": rows,
         "max_len": cache.max_len,
         "cache": str(cache.keys.dtype).removeprefix("torch."),
         "constants": _signature(model),
@@ -123,124 +131,169 @@ def package_name(spec: dict[str, Any]) -> str:
     return f"decode-{digest.hexdigest()[:24]}"
 
 
-class PackagedStep:
-    """The compiled decode step of one engine on the CPU: `step(tokens, positions, keys, values)`
-    -> logits, once `ready`. Built if missing: `wait=True` blocks until it is (compile=True),
-    otherwise the build runs in the background and `ready` turns true when its package appears."""
+class _Package:
+    """One package's files: NAME.pt2 (complete or absent), NAME.lock (a build is under way; it
+    names the builder's pid), NAME.failed (why its build failed), NAME.log (the builder's output)."""
 
-    def __init__(self, model: KimbhoV1Model, cache: KVCache, wait: bool) -> None:
-        self.spec = spec_of(model, cache)
-        self.constants = _constants(model)
+    def __init__(self, directory: Path, spec: dict[str, Any]) -> None:
+        self.spec, self.rows = spec, spec["rows"]
+        self.name = package_name(spec)
+        self.path = directory / f"{self.name}.pt2"
+        self.lock, self.failed = self.path.with_suffix(".lock"), self.path.with_suffix(".failed")
+        self.log = self.path.with_suffix(".log")
+        self.runner: Any = None
+        self.gave_up = False
+
+
+class PackagedSteps:
+    """The compiled decode steps of one engine on the CPU, one package per bucket of rows (1, 2,
+    4, ... and all slots): a step over few slots reads the weights at memory speed and skips the
+    idle slots' attention, so one client of an 8-slot server runs at a lone stream's speed.
+
+    Missing packages are built, smallest first, by one background process; `wait=True` blocks
+    until all are (compile=True). `step_for(rows)` is the smallest loaded bucket's step."""
+
+    def __init__(self, model: KimbhoV1Model, cache: KVCache, buckets: list[int], wait: bool) -> None:
         directory = cache_dir()
-        name = package_name(self.spec)
-        self.path, self.failed = directory / f"{name}.pt2", directory / f"{name}.failed"
-        self._runner: Any = None
+        self.constants = _constants(model)
+        self.packages = [_Package(directory, spec_of(model, cache, rows)) for rows in buckets]
         self._builder: subprocess.Popen[bytes] | None = None
-        self._gave_up, self._reason = False, ""
         self._next_look = 0.0
-        if self._load():
-            return
-        if not self.failed.exists():
-            self._builder = _start_build(self.spec, directory, name)
+        wanted = [p for p in self.packages if not self._load(p) and not p.failed.exists()]
+        if wanted:
+            self._builder = _start_build(wanted, directory)
         self._look()
         if wait and not self.wait():
+            reasons = "; ".join(p.failed.read_text().strip() for p in self.packages if p.failed.exists())
             raise KimbhoError(
-                f"compiling the decode step failed ({self._reason}); generate eager instead "
-                f"(compile=False, or KIMBHO_COMPILE_DECODE=0)"
+                f"compiling the decode step failed ({reasons or 'no package was written'}); generate "
+                f"eager instead (compile=False, or KIMBHO_COMPILE_DECODE=0)"
             )
 
     @property
     def ready(self) -> bool:
-        if self._runner is None and not self._gave_up and time.monotonic() >= self._next_look:
+        """Whether every bucket's step is loaded."""
+        return all(p.runner is not None for p in self.packages)
+
+    def step_for(self, rows: int) -> tuple[int, Step] | None:
+        """The smallest loaded bucket of at least `rows` slots and its step, or None (decode eager)."""
+        if not self.ready and time.monotonic() >= self._next_look:
             self._next_look = time.monotonic() + _LOOK_EVERY_S
             self._look()
-        return self._runner is not None
+        return next(
+            ((p.rows, p.runner) for p in self.packages if p.rows >= rows and p.runner is not None), None
+        )
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the package is built and loaded (or `timeout` seconds pass, or the build
-        fails); whether it is ready."""
+        """Block until every bucket is built and loaded (or `timeout` seconds pass, or a build
+        fails); whether all are ready."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._runner is None and not self._gave_up:
+        while not self.ready and not any(p.gave_up for p in self.packages):
             if deadline is not None and time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
             self._look()
-        return self._runner is not None
+        return self.ready
 
     def _look(self) -> None:
-        """Load the package if it is there; give up if its build has ended without one."""
-        # Whether the build had ended is read before looking for its package, which it writes
-        # before it ends: an ended build and no package is a failed build, never a race.
-        ended = (
-            self._builder.poll() is not None
-            if self._builder is not None
-            else not self.path.with_suffix(".lock").exists()  # another process's build
-        )
-        if self._load() or self._gave_up:
-            return
-        log_file = self.path.with_suffix(".log")
-        if self.failed.exists():
-            self._give_up(f"{self.failed.read_text().strip()}; see {log_file}, delete {self.failed} to retry")
-        elif ended:
-            self._give_up(f"its build ended without a package; see {log_file}")
+        """Load the packages that are there; give up on those whose build ended without one."""
+        for package in self.packages:
+            if package.runner is not None or package.gave_up:
+                continue
+            # Whether the build had ended is read before looking for its package, which it writes
+            # before it ends: an ended build and no package is a failed build, never a race.
+            ended = not package.lock.exists() or (
+                self._builder is not None and self._builder.poll() is not None
+            )
+            if self._load(package) or package.gave_up:
+                continue
+            if package.failed.exists():
+                why = package.failed.read_text().strip()
+                self._give_up(package, f"{why}; see {package.log}, delete {package.failed} to retry")
+            elif ended:
+                self._give_up(package, f"its build ended without a package; see {package.log}")
 
-    def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-    ) -> torch.Tensor:
-        return self._runner(tokens, positions, keys, values)
-
-    def _load(self) -> bool:
-        if not self.path.exists():
+    def _load(self, package: _Package) -> bool:
+        # A package bound to these very tensors is reused: `generate` builds an engine per call.
+        key = (str(package.path), tuple(t.data_ptr() for _, t in sorted(self.constants.items())))
+        if key in _LOADED:
+            _LOADED[key] = _LOADED.pop(key)  # now the most recently used
+            package.runner = _LOADED[key][0]
+            return True
+        if not package.path.exists():
             return False
         try:
-            runner = torch._inductor.aoti_load_package(str(self.path))
+            runner = torch._inductor.aoti_load_package(str(package.path))
             runner.load_constants(
                 {n: self.constants[n] for n in runner.get_constant_fqns()},
                 check_full_update=True,
                 user_managed=True,  # the model's own tensors, not copies
             )
         except Exception as e:  # a damaged package: drop it, so the next process builds anew
-            self.path.unlink(missing_ok=True)
-            self._give_up(f"{self.path} could not be loaded ({type(e).__name__}: {e}); removed it")
+            package.path.unlink(missing_ok=True)
+            self._give_up(
+                package, f"{package.path} could not be loaded ({type(e).__name__}: {e}); removed it"
+            )
             return False
-        self._runner = runner
-        if self._builder is not None:
-            self._builder.poll()  # reap it
+        package.runner = runner
+        _LOADED[key] = (runner, self.constants)  # the tensors live as long as the runner reads them
+        while len(_LOADED) > _KEEP_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))  # the least recently used, and the weights it holds
         return True
 
-    def _give_up(self, reason: str) -> None:
-        self._gave_up, self._reason = True, reason
-        log.warning("decoding eager: the compiled decode step is not available (%s)", reason)
+    def _give_up(self, package: _Package, reason: str) -> None:
+        package.gave_up = True
+        if package.name in _WARNED:
+            return  # once a process: `generate` builds an engine per call
+        _WARNED.add(package.name)
+        log.warning(
+            "the compiled decode step for %d slot(s) is not available (%s); decoding eager",
+            package.rows,
+            reason,
+        )
 
 
-def _start_build(spec: dict[str, Any], directory: Path, name: str) -> subprocess.Popen[bytes] | None:
-    """Start a builder for `spec` unless one is running; it writes directory/name.pt2."""
+def _start_build(packages: list[_Package], directory: Path) -> subprocess.Popen[bytes] | None:
+    """Start one builder for those of `packages` no other process is building, in order."""
     directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / f"{name}.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        if _alive(lock):
-            return None  # another process is building it
-        lock.unlink(missing_ok=True)
-        return _start_build(spec, directory, name)
-    with os.fdopen(fd, "w") as f:
-        spec_file = directory / f"{name}.json"
-        spec_file.write_text(json.dumps(spec))
-        with open(directory / f"{name}.log", "wb") as out:
-            builder = subprocess.Popen(
-                [sys.executable, "-m", "kimbho.inference.decode_package", str(spec_file)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # finishes even if this process is interrupted
-            )
-        f.write(str(builder.pid))
+    mine = [p for p in packages if _claim(p.lock)]
+    if not mine:
+        return None
+    for package in mine:
+        (directory / f"{package.name}.json").write_text(json.dumps(package.spec))
+    with open(mine[0].log, "wb") as out:
+        builder = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kimbho.inference.decode_package",
+                *(str(directory / f"{p.name}.json") for p in mine),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # finishes even if this process is interrupted
+        )
+    for package in mine:
+        package.lock.write_text(str(builder.pid))
+        package.log = mine[0].log  # one builder, one log
     log.info(
         "building the compiled decode step for this model's shape in the background (once per "
-        "machine, about a minute); decoding eager until it is ready"
+        "machine, about a minute per slot bucket); decoding eager until it is ready"
     )
     return builder
+
+
+def _claim(lock: Path) -> bool:
+    """Take `lock` for a build, unless a live process holds it (a dead one's is taken over)."""
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        if _alive(lock):
+            return False
+        lock.unlink(missing_ok=True)
+        return _claim(lock)
 
 
 def _alive(lock: Path) -> bool:
@@ -260,7 +313,7 @@ def _alive(lock: Path) -> bool:
 
 
 def build(spec_file: Path) -> None:
-    """The builder process: rebuild the model shape of `spec_file` (zeros: the values are not
+    """Build one package: rebuild the model shape of `spec_file` (zeros: the values are not
     compiled in), check it against the signature, export, compile, rename into place."""
     from ..config import KimbhoConfig
     from ..model.quantize import quantize_int8
@@ -269,7 +322,6 @@ def build(spec_file: Path) -> None:
     spec = json.loads(spec_file.read_text())
     directory, name = spec_file.parent, spec_file.stem
     try:
-        os.nice(10)  # the user's own decoding comes first
         config = KimbhoConfig.from_dict(spec["config"])
         with torch.device("meta"):
             model = KimbhoV1Model(config)
@@ -282,9 +334,10 @@ def build(spec_file: Path) -> None:
         if _signature(model) != spec["constants"]:
             raise RuntimeError("the rebuilt model's tensors differ from the engine's model")
         cache = model.new_cache(spec["slots"], spec["max_len"], dtype=getattr(torch, spec["cache"]))
+        rows = spec["rows"]
         # Two tensors, not one twice: export would bind both arguments to the one input.
-        tokens, positions = (torch.zeros(spec["slots"], dtype=torch.long) for _ in range(2))
-        inputs = (tokens, positions, cache.keys, cache.values)
+        tokens, positions = (torch.zeros(rows, dtype=torch.long) for _ in range(2))
+        inputs = (tokens, positions, cache.keys[:, :rows], cache.values[:, :rows])
         with torch.no_grad():
             exported = torch.export.export(_Step(model.eval(), spec["max_len"]), inputs)
         partial = directory / f"{name}.partial.pt2"
@@ -297,7 +350,6 @@ def build(spec_file: Path) -> None:
             },
         )
         os.replace(partial, directory / f"{name}.pt2")
-        (directory / f"{name}.log").unlink(missing_ok=True)  # kept only to explain a failure
     except Exception as e:
         (directory / f"{name}.failed").write_text(f"{type(e).__name__}: {e}".splitlines()[0])
         raise
@@ -306,5 +358,23 @@ def build(spec_file: Path) -> None:
         spec_file.unlink(missing_ok=True)
 
 
+def main(spec_files: list[Path]) -> None:
+    """The builder process: each package in turn, at low priority (the user's decoding comes
+    first); one that fails does not stop the others. Its log is kept only if one failed."""
+    os.nice(10)
+    failed = False
+    for spec_file in spec_files:
+        try:
+            build(spec_file)
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+            failed = True
+    if not failed:
+        (spec_files[0].parent / f"{spec_files[0].stem}.log").unlink(missing_ok=True)
+    sys.exit(1 if failed else 0)
+
+
 if __name__ == "__main__":
-    build(Path(sys.argv[1]))
+    main([Path(a) for a in sys.argv[1:]])

@@ -6,6 +6,7 @@ machine and model shape, with its few-row matrix products rewritten by `small_ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -28,39 +29,49 @@ def decode_step(
     return model.head(hidden[:, -1])
 
 
-class CompiledStep(Protocol):
-    """`decode_step` compiled for one engine's cache: `step(tokens, positions, keys, values)` over
-    every slot and the whole cache, callable once `ready`."""
+# A compiled step: (tokens, positions, keys, values) of some leading slots -> their logits.
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CompiledSteps(Protocol):
+    """`decode_step` compiled for one engine's cache, per bucket of leading slots (the rows a
+    step covers): each runs over those slots and the whole cache length."""
 
     @property
-    def ready(self) -> bool: ...
+    def ready(self) -> bool:
+        """Whether every bucket's step can be called without compiling."""
 
-    def wait(self, timeout: float | None = None) -> bool: ...
+    def step_for(self, rows: int) -> tuple[int, Step] | None:
+        """The smallest ready bucket of at least `rows` slots and its step; None: decode eager."""
 
-    def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-    ) -> torch.Tensor: ...
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `ready` (or `timeout` seconds pass, or a build fails); whether it is."""
 
 
-def compiled_step(model: KimbhoV1Model, cache: KVCache, device: torch.device, wait: bool) -> CompiledStep:
-    """The compiled step for `cache`'s shape. On the CPU, `wait=False` lets it build in the
-    background while the engine decodes eager (`decode_package.PackagedStep`)."""
+def compiled_steps(model: KimbhoV1Model, cache: KVCache, device: torch.device, wait: bool) -> CompiledSteps:
+    """The compiled steps for `cache`. On the CPU one package per bucket of 1, 2, 4, ... slots
+    and all of them, built in the background while the engine decodes eager unless `wait`
+    (`decode_package.PackagedSteps`); elsewhere one step over every slot, compiled at its first call."""
     if device.type == "cpu":
-        from .decode_package import PackagedStep
+        from .decode_package import PackagedSteps
 
-        return PackagedStep(model, cache, wait)
+        buckets = sorted(
+            {*(1 << i for i in range(cache.slots.bit_length()) if 1 << i < cache.slots), cache.slots}
+        )
+        return PackagedSteps(model, cache, buckets, wait)
     return _TorchCompiledStep(model, cache)
 
 
 class _TorchCompiledStep:
-    """`decode_step` compiled with static shapes at its first call. On CUDA it is captured in a
-    CUDA graph (mode "reduce-overhead": one launch per step instead of hundreds), the cache
-    tensors marked static so the graph may write into them in place."""
+    """`decode_step` over every slot, compiled with static shapes at its first call. On CUDA it
+    is captured in a CUDA graph (mode "reduce-overhead": one launch per step instead of
+    hundreds), the cache tensors marked static so the graph may write into them in place (one
+    bucket only: a view of the cache would be copied into the graph's own buffers, not written)."""
 
     ready = True
 
     def __init__(self, model: KimbhoV1Model, cache: KVCache) -> None:
-        self.model, self.kv_len = model, cache.max_len
+        self.model, self.cache = model, cache
         self.cuda = cache.keys.device.type == "cuda"
         if self.cuda:
             torch._dynamo.mark_static_address(cache.keys)
@@ -68,12 +79,15 @@ class _TorchCompiledStep:
         mode = "reduce-overhead" if self.cuda else None
         self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
 
+    def step_for(self, rows: int) -> tuple[int, Step]:
+        return self.cache.slots, self._step
+
     def wait(self, timeout: float | None = None) -> bool:
         return True
 
-    def __call__(
+    def _step(
         self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        return self.compiled(self.model, tokens, positions, keys, values, self.kv_len)
+        return self.compiled(self.model, tokens, positions, keys, values, self.cache.max_len)

@@ -37,7 +37,7 @@ from ..data.tokenizer import TextStream, Tokenizer
 from ..device import compile_decode
 from ..errors import KimbhoError, RequestError
 from ..model import KimbhoV1Model
-from .decode_step import compiled_step, decode_step
+from .decode_step import compiled_steps, decode_step
 from .sampling import SamplingParams, draw, process_logits
 
 
@@ -142,8 +142,8 @@ class Engine:
         self._counts: torch.Tensor | None = None  # (slots, vocab) output token counts
         self._next_id = 0
         mode = compile_decode(compile, self.device)
-        self.compiled_step = (
-            None if mode is False else compiled_step(model, self.cache, self.device, wait=mode is True)
+        self.compiled = (
+            None if mode is False else compiled_steps(model, self.cache, self.device, wait=mode is True)
         )
 
     @property
@@ -330,12 +330,15 @@ class Engine:
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """Append tokens[i] to slot slots[i], all in one forward pass; returns their fp32 logits
         (len(slots), vocab). Other slots are untouched."""
-        compiled = self.compiled_step is not None and self.compiled_step.ready
-        if compiled:
-            rows, keys, values = self.slots, self.cache.keys, self.cache.values
-        else:  # only the slots up to the last one fed, and only the positions filled so far
-            rows = max(slots) + 1
-            keys, values = self.cache.keys[:, :rows], self.cache.values[:, :rows]
+        # Only the slots up to the last one fed: compiled, the smallest ready bucket of that many
+        # (over the whole cache length); eager, exactly that many and the positions filled so far.
+        rows = max(slots) + 1
+        compiled = self.compiled.step_for(rows) if self.compiled is not None else None
+        if compiled is not None:
+            rows = compiled[0]
+        keys, values = self.cache.keys, self.cache.values
+        if rows < self.slots:  # a view; all of them: the tensors themselves, as a CUDA graph needs
+            keys, values = keys[:, :rows], values[:, :rows]
         feed = [0] * rows
         for slot, token in zip(slots, tokens, strict=True):
             feed[slot] = token
@@ -344,8 +347,8 @@ class Engine:
         positions = [min(n, self.max_len - 1) for n in self.lengths[:rows]]
         tokens_t = torch.tensor(feed, device=self.device)
         positions_t = torch.tensor(positions, device=self.device)
-        if compiled:  # (rows, vocab)
-            logits = self.compiled_step(tokens_t, positions_t, keys, values)  # type: ignore[misc]
+        if compiled is not None:  # (rows, vocab)
+            logits = compiled[1](tokens_t, positions_t, keys, values)
         else:
             logits = decode_step(self.model, tokens_t, positions_t, keys, values, max(positions) + 1)
         for slot in slots:

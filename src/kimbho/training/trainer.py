@@ -447,6 +447,7 @@ class Trainer:
             top_p=DEFAULT_TOP_P,
             seed=self.cfg.seed,
             eos_token_id=self.tokenizer.eot_id,
+            compile=False,  # a few tokens from weights that change every step: no build in the background
         )
         self.model.train()
         return self.tokenizer.decode(ids[0, 1:].tolist(), skip_special_tokens=True)
