@@ -189,7 +189,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decode step: a compile once per process, then several times the tokens/s on a CPU",
+        help="wait for the compiled decode step if it is not built yet (by default generation runs "
+        "eager while it is built in the background, once per machine and model shape)",
     )
     add_retriever_options(
         gen, "answer from these documents: retrieve passages for the prompt (made by `kimbho index build`)"

@@ -7,10 +7,10 @@ weight once, so a quarter of fp32's bytes is the point; per-channel scales keep 
 model's bits per byte within a fraction of a percent of fp32 (docs/generation.md, Inference
 dtypes).
 
-The product is written as dequantize-then-multiply, `linear(x, q.to(x.dtype)) * scale`. In the
-compiled decode step Inductor fuses the conversion into the few-row reduction (`small_matmul`),
-so the weights are read as int8 and never stored in float. In eager mode each call converts the
-whole matrix first; that is measured faster on an AVX2 CPU than PyTorch's
+The product is written as dequantize-then-multiply, `linear(x, float(q)) * scale`. In the
+compiled decode step Inductor fuses the dequantization into the few-row reduction
+(`small_matmul`), so the weights are read as int8 and never stored in float. In eager mode each
+call dequantizes the whole matrix first; that is measured faster on an AVX2 CPU than PyTorch's
 `_weight_int8pack_mm` (0.6 against 0.7 ms for one row of a 2048 x 384 matrix, and 6.5 against
 300 ms for 256 rows), and it is what prefill and evaluation use.
 """
@@ -23,41 +23,69 @@ from torch import nn
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer of int8 weights `qweight` (out, in) and fp32 `scales` (out,).
+    """A bias-free linear layer of int8 weights, one fp32 scale per output feature (`scales`).
+
+    The int8 matrix (out, in) is stored four values to a 32-bit word, `packed` (out, in/4): byte
+    j of word c holds column j * in/4 + c. Unpacked by shifts, `(word << 24 - 8j) >> 24`, it is
+    one pointwise expression that Inductor fuses into the compiled decode step's reductions,
+    which then read the weights a whole 32-byte vector at a time. The words sit in a float32
+    tensor, bit for bit, and are reinterpreted as int32 where they are read: Inductor's CPU code
+    loads integer vectors through a copy on the stack (and int8 ones 8 values at a time), which
+    made the step 4-5x slower than these float loads (docs/generation.md, Inference dtypes).
     `weight` gives the dequantized matrix, for code that reads a linear layer's weight (the
     fused loss of `forward(targets=...)`)."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, in_features: int) -> None:
         super().__init__()
-        self.qweight: torch.Tensor
+        self.packed: torch.Tensor
         self.scales: torch.Tensor
-        self.register_buffer("qweight", qweight)
+        self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
+        self.in_features = in_features
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         if linear.bias is not None:
             raise ValueError("Int8Linear quantizes bias-free layers (Kimbho's are all bias-free)")
         w = linear.weight.detach().float()
-        # A row of zeros keeps scale 1 rather than dividing by zero.
+        # A row of zeros keeps a tiny scale rather than dividing by zero.
         scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-        qweight = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        return cls(qweight, scales)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.qweight.to(self.scales.dtype) * self.scales[:, None]
-
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1]
+        q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        out, size = q.shape
+        q = F.pad(q, (0, -size % 4))  # whole words: zero columns, cut off when unpacked
+        words = q.view(out, 4, -1).transpose(1, 2).contiguous().view(torch.int32).view(out, -1)
+        return cls(words.view(torch.float32), scales, size)
 
     @property
     def out_features(self) -> int:
-        return self.qweight.shape[0]
+        return self.packed.shape[0]
+
+    def int8_values(self) -> torch.Tensor:
+        """The int8 matrix (out, in): in a compiled graph as int32 unpacked by shifts (fused into
+        the product that reads it), in eager mode as the int8 bytes reordered (one cheap copy)."""
+        out = self.out_features
+        if torch.compiler.is_compiling():
+            shifts = 24 - 8 * torch.arange(4, dtype=torch.int32, device=self.packed.device)
+            words = self.packed.view(torch.int32)[:, None, :]
+            unpacked = (words << shifts[None, :, None]) >> 24  # (out, 4, in/4): sign-extended
+        else:  # little-endian: byte j of a word is its j-th int8
+            unpacked = self.packed.view(torch.int8).view(out, -1, 4).transpose(1, 2)
+        return unpacked.reshape(out, -1)[:, : self.in_features]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.int8_values().to(self.scales.dtype) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        return F.linear(x, self.int8_values().to(x.dtype)) * self.scales.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """`packed` holds bits, not numbers: it moves with the module (`.to(device)`) but keeps
+        its dtype through `.to(torch.bfloat16)` and the like, which would round them."""
+        words = self.packed.view(torch.int32)
+        super()._apply(fn, recurse)
+        self.packed = fn(words).view(torch.float32)  # an int32 tensor changes device only
+        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
