@@ -92,10 +92,8 @@ def spec_of(model: KimbhoV1Model, cache: KVCache, rows: int) -> dict[str, Any]:
     first `rows` slots of the cache (a view of it, whose strides it is compiled for)."""
     from ..model.quantize import is_quantized
 
-    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
     return {
         "config": model.config.to_dict(),
-        "weights": str(floats[0]).removeprefix("torch."),
         "int8": is_quantized(model),
         "slots": cache.slots,
         "rows": rows,
@@ -328,9 +326,13 @@ def build(spec_file: Path) -> None:
         model = model.to_empty(device="cpu")
         for tensor in (*model.parameters(), *model.buffers()):
             tensor.data.zero_()
-        model.to(getattr(torch, spec["weights"]))
         if spec["int8"]:
             quantize_int8(model)
+        # Each tensor in the engine's dtype: `load` casts the weights only, `model.to` buffers too.
+        dtypes = {fqn: getattr(torch, dtype.removeprefix("torch.")) for fqn, dtype, _ in spec["constants"]}
+        for fqn, tensor in _constants(model).items():
+            if fqn in dtypes:
+                tensor.data = tensor.data.to(dtypes[fqn])
         if _signature(model) != spec["constants"]:
             raise RuntimeError("the rebuilt model's tensors differ from the engine's model")
         cache = model.new_cache(spec["slots"], spec["max_len"], dtype=getattr(torch, spec["cache"]))
