@@ -77,12 +77,19 @@ def test_engines_decode_eager_until_the_package_is_built_then_share_it(tmp_path:
     assert sorted(p.name for p in (tmp_path / "decode").iterdir()) == built  # nothing rebuilt
 
 
-def test_a_damaged_package_is_removed_and_the_engine_decodes_eager(
-    tiny_model, tmp_path: Path, monkeypatch, kimbho_log: list[str]
-) -> None:
+@pytest.fixture
+def one_slot_package(tiny_model, tmp_path: Path, monkeypatch) -> Path:
+    """Where the package of `tiny_model`'s one-slot engine goes, in an empty cache."""
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
     package = _package(tiny_model, 1, 1, tmp_path)
     package.parent.mkdir(parents=True)
+    return package
+
+
+def test_a_damaged_package_is_removed_and_the_engine_decodes_eager(
+    tiny_model, one_slot_package: Path, kimbho_log: list[str]
+) -> None:
+    package = one_slot_package
     package.write_bytes(b"not a package")
     (package.with_suffix(".lock")).write_text("1")  # pid 1 is alive: no build is started
     engine = Engine(tiny_model, slots=1, max_len=48)
@@ -93,11 +100,9 @@ def test_a_damaged_package_is_removed_and_the_engine_decodes_eager(
 
 
 def test_a_failed_build_is_reported_once_not_retried(
-    tiny_model, tmp_path: Path, monkeypatch, kimbho_log: list[str]
+    tiny_model, one_slot_package: Path, kimbho_log: list[str]
 ) -> None:
-    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
-    package = _package(tiny_model, 1, 1, tmp_path)
-    package.parent.mkdir(parents=True)
+    package = one_slot_package
     package.with_suffix(".failed").write_text("CppCompileError: no C++ compiler")
     engine = Engine(tiny_model, slots=1, max_len=48)
     assert not engine.compiled.ready  # type: ignore[union-attr]
