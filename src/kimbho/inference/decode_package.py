@@ -1,8 +1,9 @@
 """The CPU's compiled decode step, built ahead of time once per machine and loaded in milliseconds.
 
-`decode_step` for one model shape (config, weight dtype, int8 or not, slot count, slot length)
-is exported (`torch.export`) and compiled by AOTInductor, with `small_matmul`'s rewrite, into a
-package under the cache directory. The package holds code only: the weights and the cache are
+`decode_step` for one model shape (config, tensor dtypes, int8 or not, slot count, slot length)
+and one bucket of leading slots (1, 2, 4, ..., all: the rows a step covers) is exported
+(`torch.export`) and compiled by AOTInductor, with `small_matmul`'s rewrite, into a package
+under the cache directory. The package holds code only: the weights and the cache are
 the caller's tensors, bound at load time, so every model of that shape (every `small` run, say)
 shares one package, and loading it costs about 10 ms instead of the seconds that tracing for
 `torch.compile` costs in every process, even with a warm Inductor cache.
@@ -11,9 +12,9 @@ A package is built by a separate process (`python -m kimbho.inference.decode_pac
 low priority: building in the engine's own process would hold its interpreter lock through
 tracing and lowering and stall the eager decoding it is meant to replace. The engine decodes
 eager meanwhile and switches once the package appears; a build outlives a short-lived parent,
-so the next process finds it. Builds are atomic (written aside, then renamed), one per shape at
-a time (a lock file naming the builder), and a failed one leaves a `.failed` note, read instead
-of retrying at every start.
+so the next process finds it. One builder makes an engine's missing buckets, smallest first.
+Builds are atomic (written aside, then renamed), one per package at a time (a lock file naming
+the builder), and a failed one leaves a `.failed` note, read instead of retrying at every start.
 
 The cache directory is `$KIMBHO_CACHE_DIR/decode`, else `$XDG_CACHE_HOME/kimbho/decode`, else
 `~/.cache/kimbho/decode`. Package names hash everything the code depends on: the shape, the
