@@ -222,12 +222,7 @@ class PackagedSteps:
         if not package.path.exists():
             return False
         try:
-            runner = torch._inductor.aoti_load_package(str(package.path))
-            runner.load_constants(
-                {n: self.constants[n] for n in runner.get_constant_fqns()},
-                check_full_update=True,
-                user_managed=True,  # the model's own tensors, not copies
-            )
+            runner = _load_runner(package.path, self.constants)
         except Exception as e:  # a damaged package: drop it, so the next process builds anew
             package.path.unlink(missing_ok=True)
             self._give_up(
@@ -250,6 +245,23 @@ class PackagedSteps:
             package.rows,
             reason,
         )
+
+
+def _load_runner(path: Path, constants: dict[str, torch.Tensor]) -> Step:
+    """The package at `path` as a step, `constants` bound to it. Through AOTInductor's C++
+    loader itself: `torch._inductor.aoti_load_package` would import Inductor (2.1 s of every
+    process's start, measured) and parse the call's tree spec at every step."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    # (map, use_inactive, check_full_update, user_managed: the model's own tensors, not copies,
+    # allow_h2d_copy)
+    loader.load_constants({n: constants[n] for n in loader.get_constant_fqns()}, False, True, True, False)
+
+    def step(
+        tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        return loader.boxed_run([tokens, positions, keys, values])[0]
+
+    return step
 
 
 def _start_build(packages: list[_Package], directory: Path) -> subprocess.Popen[bytes] | None:
