@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from _common import cpu_name, gguf_twin, hf_model, llama_cpp_available, llama_cpp_run
@@ -149,18 +150,10 @@ def first_call(model: kimbho.KimbhoV1Model) -> None:
     import sys
 
     max_len = model.config.max_seq_len
-    previous = os.environ.get(CACHE_DIR_ENV)
-    with tempfile.TemporaryDirectory() as empty:
-        os.environ[CACHE_DIR_ENV] = empty
-        try:
-            started = time.perf_counter()
-            Engine(model, slots=1, max_len=max_len, compile=True)
-            cold = time.perf_counter() - started
-        finally:
-            if previous is None:
-                del os.environ[CACHE_DIR_ENV]
-            else:
-                os.environ[CACHE_DIR_ENV] = previous
+    with tempfile.TemporaryDirectory() as empty, mock.patch.dict(os.environ, {CACHE_DIR_ENV: empty}):
+        started = time.perf_counter()
+        Engine(model, slots=1, max_len=max_len, compile=True)
+        cold = time.perf_counter() - started
     Engine(model, slots=1, max_len=max_len, compile=True)  # built in the user's cache, if not yet
     calls = {}
     for compile in ("1", "0"):

@@ -23,6 +23,7 @@ torch version, Kimbho's model and decode sources, and the CPU's vector ISA.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from torch import nn
 
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model, KVCache
-from .decode_step import Step
+from .decode_step import Step, decode_step
 
 log = logging.getLogger("kimbho")
 
@@ -74,8 +75,6 @@ class _Step(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
-        from .decode_step import decode_step
-
         return decode_step(self.model, tokens, positions, keys, values, self.kv_len)
 
 
@@ -110,6 +109,16 @@ def _signature(model: KimbhoV1Model) -> list[list[Any]]:
 
 def package_name(spec: dict[str, Any]) -> str:
     """The package's file name: a hash of `spec` and of everything the compiled code depends on."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    digest.update(_code_identity())
+    return f"decode-{digest.hexdigest()[:24]}"
+
+
+@functools.cache
+def _code_identity() -> bytes:
+    """What the compiled code depends on besides the shape: the torch version, the CPU's vector
+    ISA, the platform, and Kimbho's model and decode sources. Read once a process: `generate`
+    names its packages at every call."""
     here = Path(__file__).resolve().parent
     sources = sorted((here.parent / "model").glob("*.py")) + [
         here / "decode_step.py",
@@ -118,7 +127,6 @@ def package_name(spec: dict[str, Any]) -> str:
     ]
     digest = hashlib.sha256()
     for part in (
-        json.dumps(spec, sort_keys=True),
         torch.__version__,
         torch.backends.cpu.get_cpu_capability(),
         platform.machine(),
@@ -127,7 +135,7 @@ def package_name(spec: dict[str, Any]) -> str:
         digest.update(part.encode())
     for source in sources:
         digest.update(source.read_bytes())
-    return f"decode-{digest.hexdigest()[:24]}"
+    return digest.digest()
 
 
 class _Package:
@@ -155,7 +163,8 @@ class PackagedSteps:
     def __init__(self, model: KimbhoV1Model, cache: KVCache, buckets: list[int], wait: bool) -> None:
         directory = cache_dir()
         self.constants = _constants(model)
-        self.packages = [_Package(directory, spec_of(model, cache, rows)) for rows in buckets]
+        spec = spec_of(model, cache, buckets[0])  # the buckets differ in their rows only
+        self.packages = [_Package(directory, {**spec, "rows": rows}) for rows in buckets]
         self._builder: subprocess.Popen[bytes] | None = None
         self._next_look = 0.0
         wanted = [p for p in self.packages if not self._load(p) and not p.failed.exists()]
