@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from kimbho.inference.small_matmul import FEW_ROWS, SmallMatmulPass
+from kimbho.inference.small_matmul import FEW_ROWS, SPLIT, SmallMatmulPass
 
 
 def _mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -20,8 +20,9 @@ def _ops(gm: torch.fx.GraphModule) -> list[object]:
 
 @pytest.mark.parametrize("rows", [1, 3, FEW_ROWS])
 def test_few_row_products_become_multiply_and_sum_with_the_same_values(rows: int) -> None:
+    """The first product's 30 inputs are summed in one run, the second's 48 in SPLIT runs."""
     torch.manual_seed(0)
-    x, w1, w2 = torch.randn(rows, 32), torch.randn(48, 32), torch.randn(24, 48)
+    x, w1, w2 = torch.randn(rows, 30), torch.randn(48, 30), torch.randn(24, 48)
     gm = make_fx(_mlp, tracing_mode="fake")(x, w1, w2)
     assert _ops(gm).count(torch.ops.aten.mm.default) == 2
     SmallMatmulPass()(gm.graph)
@@ -30,7 +31,9 @@ def test_few_row_products_become_multiply_and_sum_with_the_same_values(rows: int
     assert _ops(gm).count(torch.ops.aten.sum.dim_IntList) == 2
     # The inputs of both products are stored, not recomputed per output feature.
     sums = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
-    assert all(n.args[0].args[1].meta.get("inductor_realize_to_strides") for n in sums)
+    rows_read = [n.args[0].args[1].args[0] for n in sums]  # mul(weight, reshape(rows))
+    assert all(n.meta.get("inductor_realize_to_strides") for n in rows_read)
+    assert [n.args[0].meta["val"].shape[-2:] for n in sums] == [(1, 30), (SPLIT, 48 // SPLIT)]
     out = gm(x, w1, w2)
     assert out.shape == (rows, 24) and out.is_contiguous()
     torch.testing.assert_close(out, _mlp(x, w1, w2), rtol=1e-5, atol=1e-4)

@@ -10,9 +10,10 @@ dtypes).
 The product is written as dequantize-then-multiply, `linear(x, float(q)) * scale`. In the
 compiled decode step Inductor fuses the dequantization into the few-row reduction
 (`small_matmul`), so the weights are read as int8 and never stored in float. In eager mode each
-call dequantizes the whole matrix first; that is measured faster on an AVX2 CPU than PyTorch's
-`_weight_int8pack_mm` (0.6 against 0.7 ms for one row of a 2048 x 384 matrix, and 6.5 against
-300 ms for 256 rows), and it is what prefill and evaluation use.
+call converts the whole matrix to float first (in its stored byte order, the input's columns
+permuted to match); that is measured faster on an AVX2 CPU than PyTorch's `_weight_int8pack_mm`
+(0.3 against 0.8 ms for one row of a 2048 x 384 matrix, and 5.6 against 237 ms for 256 rows), and
+it is what prefill and evaluation use.
 """
 
 from __future__ import annotations
@@ -77,7 +78,15 @@ class Int8Linear(nn.Module):
         return self.int8_values().to(self.scales.dtype) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.int8_values().to(x.dtype)) * self.scales.to(x.dtype)
+        if torch.compiler.is_compiling():
+            return F.linear(x, self.int8_values().to(x.dtype)) * self.scales.to(x.dtype)
+        # Eager: the bytes in their stored order, which is column 4c + j for column j * in/4 + c,
+        # and x's columns permuted to match. One pass over the weights (converting) instead of
+        # two (reordering, then converting): 1.7-2.8x faster for a 16-token prompt's rows.
+        words = self.packed.shape[1]
+        x = F.pad(x, (0, 4 * words - self.in_features))
+        x = x.unflatten(-1, (4, words)).transpose(-1, -2).flatten(-2)
+        return F.linear(x, self.packed.view(torch.int8).to(x.dtype)) * self.scales.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         """`packed` holds bits, not numbers: it moves with the module (`.to(device)`) but keeps
