@@ -32,6 +32,20 @@ def test_top_p_keeps_the_best_token_even_for_tiny_p() -> None:
     assert torch.isfinite(top_p_filter(logits, 1e-6))[0].tolist() == [False, False, True]
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_keeps_the_same_tokens_as_sorting_with_the_permutation(p: float) -> None:
+    """The cut-off probability found from sorted values alone keeps exactly the tokens that
+    sorting the token ids, cutting the sorted list and scattering the cut back would keep."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000) * torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0, 8.0])[:, None]
+    ordered, order = torch.sort(logits, descending=True, dim=-1)
+    probs = ordered.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= p
+    drop[:, 0] = False
+    expected = ~drop.scatter(-1, order, drop)
+    assert torch.equal(torch.isfinite(top_p_filter(logits, p)), expected)
+
+
 def test_repetition_penalty_discourages_seen_tokens() -> None:
     logits = torch.tensor([[2.0, 1.5, -1.0]])
     seen = torch.tensor([[True, False, True]])
