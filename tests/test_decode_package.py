@@ -63,8 +63,15 @@ def test_engines_decode_eager_until_the_package_is_built_then_share_it(tmp_path:
     assert engine.compiled is not None and not engine.compiled.ready
     assert _tokens(engine) == eager  # while it builds
     assert engine.compiled.wait(timeout=600)
-    assert engine.compiled.step_for(1)[0] == 1 and engine.compiled.step_for(2)[0] == 2  # type: ignore[index]
+    # A bucket of slots, over the positions filled so far (at least 2), up to the cache's last.
+    assert [engine.compiled.step_for(r, n)[:2] for r, n in [(1, 30), (2, 1)]] == [(1, 30), (2, 2)]  # type: ignore[index]
+    assert engine.compiled.step_for(1, 48) is None  # the very last position: eager
     assert _tokens(engine) == eager  # compiled: both prompts, then the longer one alone
+    # To the end of the cache: every length a package takes, then the last position eager.
+    full = [Request(p, 48 - len(p)) for p in PROMPTS]
+    assert [e.token for e in engine.run(full)] == [
+        e.token for e in Engine(model, slots=2, max_len=48, compile=False).run(full)
+    ]
     built = sorted(p.name for p in (tmp_path / "decode").iterdir())
     # A package per bucket of slots, and no lock, log, spec or partial file left.
     assert built == sorted(_package(model, 2, rows, tmp_path).name for rows in (1, 2))

@@ -171,8 +171,8 @@ def test_empty_prompt_starts_from_end_of_text(tokenizer) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("slots", [2])  # buckets of 1 and 2 slots: three prompts in two slots use both
 def test_compiled_decode_step_picks_the_same_tokens(tiny_model, slots: int) -> None:
-    """The compiled decode step (static shapes, whole cache, matrix-vector products rewritten
-    on the CPU) picks the eager step's greedy tokens."""
+    """The compiled decode step (static shapes but for the cached length, matrix-vector
+    products rewritten on the CPU) picks the eager step's greedy tokens."""
     prompts = [[12, 45, 67], [3], list(range(100, 120))]
     eager = kimbho.generate_batch(tiny_model, prompts, 20)
     engine = Engine(tiny_model, slots=slots, max_len=48, compile=True)

@@ -29,20 +29,23 @@ def decode_step(
     return model.head(hidden[:, -1])
 
 
-# A compiled step: (tokens, positions, keys, values) of some leading slots -> their logits.
+# A compiled step: (tokens, positions, keys, values) of some leading slots, the keys and values
+# cut to some leading positions -> their logits.
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class CompiledSteps(Protocol):
     """`decode_step` compiled for one engine's cache, per bucket of leading slots (the rows a
-    step covers): each runs over those slots and the whole cache length."""
+    step covers), each over some leading positions of the cache (the length it attends to)."""
 
     @property
     def ready(self) -> bool:
         """Whether every bucket's step can be called without compiling."""
 
-    def step_for(self, rows: int) -> tuple[int, Step] | None:
-        """The smallest ready bucket of at least `rows` slots and its step; None: decode eager."""
+    def step_for(self, rows: int, length: int) -> tuple[int, int, Step] | None:
+        """For a step of `rows` slots whose positions are below `length`: the smallest ready
+        bucket of at least that many slots, the length it attends to (at least `length`), and its
+        step; None: decode eager."""
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until `ready` (or `timeout` seconds pass, or a build fails); whether it is."""
@@ -50,8 +53,9 @@ class CompiledSteps(Protocol):
 
 def compiled_steps(model: KimbhoV1Model, cache: KVCache, device: torch.device, wait: bool) -> CompiledSteps:
     """The compiled steps for `cache`. On the CPU one package per bucket of 1, 2, 4, ... slots
-    and all of them, built in the background while the engine decodes eager unless `wait`
-    (`decode_package.PackagedSteps`); elsewhere one step over every slot, compiled at its first call."""
+    and all of them, each for any length, built in the background while the engine decodes eager
+    unless `wait` (`decode_package.PackagedSteps`); elsewhere one step over every slot and the
+    whole cache, compiled at its first call."""
     if device.type == "cpu":
         from .decode_package import PackagedSteps
 
@@ -79,8 +83,8 @@ class _TorchCompiledStep:
         mode = "reduce-overhead" if self.cuda else None
         self.compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
 
-    def step_for(self, rows: int) -> tuple[int, Step]:
-        return self.cache.slots, self._step
+    def step_for(self, rows: int, length: int) -> tuple[int, int, Step]:
+        return self.cache.slots, self.cache.max_len, self._step
 
     def wait(self, timeout: float | None = None) -> bool:
         return True

@@ -330,27 +330,30 @@ class Engine:
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """Append tokens[i] to slot slots[i], all in one forward pass; returns their fp32 logits
         (len(slots), vocab). Other slots are untouched."""
-        # Only the slots up to the last one fed: compiled, the smallest ready bucket of that many
-        # (over the whole cache length); eager, exactly that many and the positions filled so far.
+        # Only the slots up to the last one fed, and the positions filled so far: compiled, the
+        # smallest ready bucket of that many slots, over a length that covers every slot's next
+        # position (a slot of the bucket that is not fed writes a throwaway key there, which its
+        # own next token overwrites; a free slot has length 0).
         rows = max(slots) + 1
-        compiled = self.compiled.step_for(rows) if self.compiled is not None else None
+        ends = [min(n, self.max_len - 1) for n in self.lengths]
+        compiled = self.compiled.step_for(rows, max(ends) + 1) if self.compiled is not None else None
         if compiled is not None:
-            rows = compiled[0]
+            rows, length, step = compiled
+        positions = ends[:rows]
+        if compiled is None:
+            length = max(positions) + 1
         keys, values = self.cache.keys, self.cache.values
-        if rows < self.slots:  # a view; all of them: the tensors themselves, as a CUDA graph needs
-            keys, values = keys[:, :rows], values[:, :rows]
+        if (rows, length) != (self.slots, self.max_len):  # views; a CUDA graph needs the tensors
+            keys, values = keys[:, :rows, :, :length], values[:, :rows, :, :length]
         feed = [0] * rows
         for slot, token in zip(slots, tokens, strict=True):
             feed[slot] = token
-        # A slot not fed writes a throwaway key at its next free position, which its own next
-        # token overwrites; a free slot has length 0.
-        positions = [min(n, self.max_len - 1) for n in self.lengths[:rows]]
         tokens_t = torch.tensor(feed, device=self.device)
         positions_t = torch.tensor(positions, device=self.device)
         if compiled is not None:  # (rows, vocab)
-            logits = compiled[1](tokens_t, positions_t, keys, values)
+            logits = step(tokens_t, positions_t, keys, values)
         else:
-            logits = decode_step(self.model, tokens_t, positions_t, keys, values, max(positions) + 1)
+            logits = decode_step(self.model, tokens_t, positions_t, keys, values, length)
         for slot in slots:
             self.lengths[slot] += 1
         return logits[list(slots)].float()  # a copy: a CUDA graph reuses its output buffer
