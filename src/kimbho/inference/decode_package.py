@@ -5,10 +5,11 @@ and one bucket of leading slots (1, 2, 4, ..., all: the rows a step covers) is e
 (`torch.export`) and compiled by AOTInductor, with `small_matmul`'s rewrite, into a package
 under the cache directory. The number of cached positions a step attends to is a dynamic
 dimension of the package: a step reads the keys and values filled so far, not the whole cache
-(on `small`, 3.71 against 4.27 ms a step at 144 of 512 positions, fp32). The package holds code only: the weights and the cache are
-the caller's tensors, bound at load time, so every model of that shape (every `small` run, say)
-shares one package, and loading it costs about 10 ms instead of the seconds that tracing for
-`torch.compile` costs in every process, even with a warm Inductor cache.
+(on `small`, 3.71 against 4.27 ms a step at 144 of 512 positions, fp32). The package holds code
+only: the weights and the cache are the caller's tensors, bound at load time, so every model of
+that shape (every `small` run, say) shares one package, and loading it costs about 10 ms
+instead of the seconds that tracing for `torch.compile` costs in every process, even with a warm
+Inductor cache.
 
 A package is built by a separate process (`python -m kimbho.inference.decode_package SPEC`), at
 low priority: building in the engine's own process would hold its interpreter lock through

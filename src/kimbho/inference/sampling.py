@@ -111,9 +111,10 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
 def _descending(values: torch.Tensor) -> torch.Tensor:
     """The rows of `values` sorted, largest first. On the CPU through NumPy, which sorts values
     without their indices: 0.06 against torch.sort's 0.65 ms for one row of 8,192 (Zen 3)."""
-    if values.device.type != "cpu":
+    if values.device.type != "cpu" or values.dtype == torch.bfloat16:  # NumPy has no bf16
         return torch.sort(values, descending=True, dim=-1).values
-    return torch.from_numpy(np.ascontiguousarray(np.sort(values.numpy(), axis=-1)[..., ::-1]))
+    ascending = np.sort(values.detach().numpy(), axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(ascending[..., ::-1]))
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
