@@ -47,18 +47,30 @@ VOCAB = 8192  # the `small` preset's vocabulary
 BATCH, SEQ_LEN = 16, 256
 
 
+# `--data python-docs`: the built-in corpus (CPython's help topics, 0.76 MB of technical prose),
+# the second corpus the recipe is tuned on.
+BUILTIN_CORPUS = "python-docs"
+
+
 def prepared_data(corpus: Path, vocab_size: int = VOCAB) -> Path:
-    """`corpus` tokenized with a `vocab_size` BPE trained on it, prepared once and cached."""
-    if not corpus.is_file():
+    """`corpus` (a text file, or `BUILTIN_CORPUS`) tokenized with a `vocab_size` BPE trained on
+    it, prepared once and cached."""
+    if str(corpus) == BUILTIN_CORPUS:
+        from pydoc_data.topics import topics
+
+        content, inputs = "".join(topics[name] for name in sorted(topics)).encode(), None
+    elif corpus.is_file():
+        content, inputs = corpus.read_bytes(), [str(corpus)]
+    else:
         sys.exit(
-            f"corpus {corpus} not found; pass --data PATH (tinyshakespeare: "
+            f"corpus {corpus} not found; pass --data PATH or --data {BUILTIN_CORPUS} (tinyshakespeare: "
             "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)"
         )
     # Keyed by content, not path or mtime: a touched or copied corpus reuses its prepared data.
-    key = hashlib.sha256(corpus.read_bytes()).hexdigest()[:10]
+    key = hashlib.sha256(content).hexdigest()[:10]
     out = CACHE / f"{corpus.stem}-{vocab_size}-{key}"
     if not (out / "meta.json").exists():
-        kimbho.prepare([corpus], out, vocab_size=vocab_size, force=True)
+        kimbho.prepare(inputs, out, vocab_size=vocab_size, force=True)
     return out
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _common import (
+    BUILTIN_CORPUS,
     CACHE,
     DEFAULT_CORPUS,
     RESULTS,
@@ -65,12 +66,17 @@ from kimbho.config import RunConfig, TrainConfig, parse_override
 from kimbho.data.shards import RandomWindowSampler, TokenStream, dataset_fingerprint, load_meta
 from kimbho.training.trainer import Trainer
 
-RESULTS_FILE = RESULTS / "time_to_quality.json"
-PNG = RESULTS / "time_to_quality.png"
 # The run length is set from the speed of steps 3..CALIBRATION_STEPS: the first two include
 # compilation and allocator warm-up (and the second sometimes a recompilation).
 CALIBRATION_STEPS = 10
 HF_LR = 3e-4
+# The legs the report compares and plots (others, such as `--set` variants, are listed only).
+LEGS = {
+    "kimbho": "Kimbho, default recipe",
+    "kimbho[5min]": "Kimbho, default recipe, 5-minute run",
+    "hf": f"HF LlamaForCausalLM + AdamW (cosine, lr {HF_LR:g})",
+    "hf-strong": f"HF LlamaForCausalLM, strong recipe (AdamW lr {STRONG_LR:g}, wd 0.1, warm-up, cosine)",
+}
 
 
 def main() -> None:
@@ -83,20 +89,26 @@ def main() -> None:
     )
     parser.add_argument("--chunk-minutes", type=float, default=10.0, help="stop after this much, resumably")
     parser.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evals")
-    parser.add_argument("--data", type=Path, default=DEFAULT_CORPUS, help="text corpus (tinyshakespeare)")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_CORPUS, help=f"text corpus (tinyshakespeare) or {BUILTIN_CORPUS}"
+    )
     parser.add_argument("--set", action="append", default=[], help="kimbho: override a train.* default")
     parser.add_argument("--restart", action="store_true", help="discard a saved partial leg")
     parser.add_argument("--report", action="store_true", help="print the comparison and write the PNG")
     args = parser.parse_args()
+    results_file, png = result_paths(args.data)
     if args.report:
-        report(load_results(RESULTS_FILE))
+        report(load_results(results_file), results_file, png, args.data.stem)
         return
     if args.which is None:
         parser.error("pass --which kimbho|hf|hf-strong, or --report")
     if args.set and args.which != "kimbho":
         parser.error("--set applies to kimbho's recipe only")
-    minutes = args.minutes or (20.0 if args.which == "hf" else 10.0)
+    default_minutes = 20.0 if args.which == "hf" else 10.0
+    minutes = args.minutes or default_minutes
+    # A leg of another length is its own result: e.g. `kimbho[5min]`, whose schedule ends at 5.
     label = args.which + "".join(f"[{item}]" for item in args.set)
+    label += f"[{minutes:g}min]" if minutes != default_minutes else ""
     torch.manual_seed(0)
     data_dir = prepared_data(args.data)
     leg = (
@@ -104,7 +116,22 @@ def main() -> None:
         if args.which == "kimbho"
         else HFLeg(data_dir, args.which == "hf-strong")
     )
-    run_leg(leg, label, minutes * 60, args.chunk_minutes * 60, args.eval_every, data_dir, args.restart)
+    run_leg(
+        leg,
+        label,
+        minutes * 60,
+        args.chunk_minutes * 60,
+        args.eval_every,
+        data_dir,
+        args.restart,
+        results_file,
+    )
+
+
+def result_paths(corpus: Path) -> tuple[Path, Path]:
+    """The results file and PNG of a corpus: tinyshakespeare's keep their historical names."""
+    suffix = "" if corpus.stem == "tinyshakespeare" else f"-{corpus.stem}"
+    return RESULTS / f"time_to_quality{suffix}.json", RESULTS / f"time_to_quality{suffix}.png"
 
 
 class KimbhoLeg:
@@ -221,10 +248,11 @@ def run_leg(
     eval_every: float,
     data_dir: Path,
     restart: bool,
+    results_file: Path,
 ) -> None:
     windows, predicted_bytes = validation_windows(data_dir)
-    state_file = CACHE / f"ttq-{label}.pt"
-    results = load_results(RESULTS_FILE)
+    state_file = CACHE / f"{results_file.stem}-{label}.pt"
+    results = load_results(results_file)
     progress: dict[str, Any] = {"step": 0, "train_sec": 0.0, "total_steps": 0, "curve": [], "losses": []}
     settings = {
         "budget": budget,
@@ -284,10 +312,10 @@ def run_leg(
         "train_losses": progress["losses"],
         "recipe": {k: str(v) if not isinstance(v, (int, float, bool)) else v for k, v in leg.recipe.items()},
     }
-    save_results(RESULTS_FILE, results)
+    save_results(results_file, results)
     if done:
         state_file.unlink(missing_ok=True)
-        print(f"{label}: done, best val bpb {min(b for _, b in progress['curve']):.4f} -> {RESULTS_FILE}")
+        print(f"{label}: done, best val bpb {min(b for _, b in progress['curve']):.4f} -> {results_file}")
     else:
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.save({"settings": settings, "progress": progress, "state": leg.state()}, state_file)
@@ -320,9 +348,9 @@ def bpb_at(curve: list[list[float]], seconds: float) -> float | None:
     return curve[-1][1] if curve and seconds <= curve[-1][0] * 1.02 else None
 
 
-def report(results: dict[str, Any]) -> None:
+def report(results: dict[str, Any], results_file: Path, png: Path, corpus: str) -> None:
     if not results:
-        raise SystemExit(f"no results in {RESULTS_FILE}; run the legs first")
+        raise SystemExit(f"no results in {results_file}; run the legs first")
     for label, r in results.items():
         state = "" if r["done"] else "  (unfinished)"
         print(f"\n{label}: {r['steps']} steps, {r['tokens']:,} tokens in {r['budget_min']:.0f} min{state}")
@@ -330,72 +358,65 @@ def report(results: dict[str, Any]) -> None:
         print("  train min   val bpb   best so far")
         for (seconds, bpb), (_, best) in zip(r["curve"], best_so_far(r["curve"]), strict=True):
             print(f"  {seconds / 60:9.1f}   {bpb:7.4f}   {best:7.4f}")
-    peers = {
-        "hf": "HF + AdamW, cosine, lr 3e-4",
-        "hf-strong": "HF, strong recipe (AdamW lr 1e-3, wd 0.1, warm-up, cosine)",
-    }
-    present = [p for p in peers if p in results]
-    if "kimbho" in results and present:
-        kimbho = results["kimbho"]
-        k_best = min(b for _, b in kimbho["curve"])
-        print(f"\nKimbho default recipe, {kimbho['budget_min']:.0f} min: best val bpb {k_best:.4f}")
+    present = [p for p in ("hf", "hf-strong") if p in results]
+    legs = [k for k in ("kimbho", "kimbho[5min]") if k in results]
+    if not (present and legs):
+        plot(results, png, corpus)
+        return
+    columns = [*legs, *present]
+    print("\n| training minutes | " + " | ".join(LEGS[c] for c in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for minutes in (2.5, 5, 10, 20):
+        cells = [bpb_at(results[c]["curve"], minutes * 60) for c in columns]
+        print(f"| {minutes:g} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    for peer in present:
+        hf = results[peer]
+        hf_best = min(b for _, b in hf["curve"])
+        hf_reach = time_to_reach(hf["curve"], hf_best)
         print(
-            "\n| training minutes | Kimbho, default recipe | " + " | ".join(peers[p] for p in present) + " |"
+            f"\n{LEGS[peer]}, {hf['budget_min']:.0f} min: best val bpb {hf_best:.4f} (at {hf_reach / 60:.1f} min)"
         )
-        print("|---|---|" + "---|" * len(present))
-        for minutes in (2.5, 5, 10, 20):
-            cells = [bpb_at(r["curve"], minutes * 60) for r in (kimbho, *(results[p] for p in present))]
-            print(f"| {minutes:g} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
-        for peer in present:
-            hf = results[peer]
-            hf_best = min(b for _, b in hf["curve"])
-            hf_reach = time_to_reach(hf["curve"], hf_best)
-            reach = time_to_reach(kimbho["curve"], hf_best)
-            print(
-                f"\n{peers[peer]}, {hf['budget_min']:.0f} min: best val bpb {hf_best:.4f} (at {hf_reach / 60:.1f} min)"
-            )
+        if "kimbho" in results:
+            reach = time_to_reach(results["kimbho"]["curve"], hf_best)
             if reach is not None:
-                print(f"Kimbho reaches it in {reach / 60:.1f} min: {hf_reach / reach:.2f}x sooner")
-            else:
-                print("Kimbho does not reach it within its budget")
-            hf_to_ours = time_to_reach(hf["curve"], k_best)
-            if hf_to_ours is not None:
-                k_time = time_to_reach(kimbho["curve"], k_best)
                 print(
-                    f"{peer} reaches Kimbho's best ({k_best:.4f}) in {hf_to_ours / 60:.1f} min, Kimbho in "
-                    f"{k_time / 60:.1f}: {hf_to_ours / k_time:.2f}x"
+                    f"Kimbho's {results['kimbho']['budget_min']:.0f}-minute run reaches it in {reach / 60:.1f} min: {hf_reach / reach:.2f}x sooner"
                 )
-    plot(results)
+            else:
+                print("Kimbho's run does not reach it within its budget")
+        if "kimbho[5min]" in results:
+            # The longer leg is still at its peak rate at 5 minutes; this one has decayed by then.
+            end = results["kimbho[5min]"]["curve"][-1][1]
+            verdict = "reaches it" if end <= hf_best else "does not reach it"
+            print(
+                f"Kimbho's 5-minute run ends at {end:.4f}: it {verdict} in 5 minutes ({hf_best - end:+.4f})"
+            )
+    plot(results, png, corpus)
 
 
-def plot(results: dict[str, Any]) -> None:
+def plot(results: dict[str, Any], png: Path, corpus: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    names = {
-        "kimbho": "Kimbho, default recipe",
-        "hf": f"HF LlamaForCausalLM + AdamW (cosine, lr {HF_LR:g})",
-        "hf-strong": f"HF LlamaForCausalLM, strong recipe (AdamW lr {STRONG_LR:g}, wd 0.1, warm-up, cosine)",
-    }
     for label, r in results.items():
-        if label not in names:
+        if label not in LEGS:
             continue
         minutes = [s / 60 for s, _ in r["curve"]]
-        ax.plot(minutes, [b for _, b in r["curve"]], marker="o", markersize=3, label=names[label])
+        ax.plot(minutes, [b for _, b in r["curve"]], marker="o", markersize=3, label=LEGS[label])
     ax.set_xlabel("training time (minutes, 2 CPU cores)")
     ax.set_ylabel("validation bits per byte")
     batch = results.get("kimbho", next(iter(results.values())))["recipe"]["batch_size"]
-    ax.set_title(f"small preset on tinyshakespeare, batch {batch} x {SEQ_LEN}")
+    ax.set_title(f"small preset on {corpus}, batch {batch} x {SEQ_LEN}")
     ax.set_ylim(top=min(ax.get_ylim()[1], 4.0))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG)
-    print(f"\nwrote {PNG}")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    print(f"\nwrote {png}")
 
 
 if __name__ == "__main__":
