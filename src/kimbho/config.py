@@ -175,7 +175,7 @@ class TrainConfig:
     seq_len: int | None = field(default=None, metadata=_doc("tokens per sequence; unset: model.max_seq_len"))
     lr: float = field(default=3e-3, metadata=_doc("peak learning rate (Muon and AdamW alike)"))
     min_lr_ratio: float = field(default=0.1, metadata=_doc("final learning rate as a fraction of the peak"))
-    warmup_steps: int = field(default=25, metadata=_doc("linear warm-up steps"))
+    warmup_steps: int = field(default=10, metadata=_doc("linear warm-up steps"))
     max_steps: int = field(default=1000, metadata=_doc("length of the run; the schedule ends here"))
     schedule: str = field(default="wsd", metadata=_doc("wsd (warm-up, stable, decay) | cosine | constant"))
     decay_fraction: float = field(default=0.4, metadata=_doc("wsd: fraction of the run spent decaying"))
