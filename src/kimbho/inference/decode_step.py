@@ -92,6 +92,8 @@ class _TorchCompiledStep:
     def _step(
         self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
-        if self.cuda:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        return self.compiled(self.model, tokens, positions, keys, values, self.cache.max_len)
+        if not self.cuda:
+            return self.compiled(self.model, tokens, positions, keys, values, self.cache.max_len)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        # A copy: the graph writes the next step's logits into the same buffer.
+        return self.compiled(self.model, tokens, positions, keys, values, self.cache.max_len).clone()

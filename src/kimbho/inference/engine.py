@@ -38,6 +38,7 @@ from ..device import compile_decode
 from ..errors import KimbhoError, RequestError
 from ..model import KimbhoV1Model
 from .decode_step import compiled_steps, decode_step
+from .onednn import onednn_linears
 from .sampling import SamplingParams, draw, process_logits
 
 
@@ -260,7 +261,7 @@ class Engine:
         token comes right after its prefill."""
         if self._feed:
             fed = list(self._feed)
-            self.logits[fed] = self.decode(fed, list(self._feed.values()))
+            self.logits[_rows(fed)] = self.decode(fed, list(self._feed.values()))
             self._feed.clear()
         active = [s for s, seq in enumerate(self.seqs) if seq is not None]
         if not active:
@@ -321,10 +322,12 @@ class Engine:
         k, T = len(prompts), max(lengths)
         ids = torch.tensor([[*p, *[0] * (T - len(p))] for p in prompts], device=self.device)  # (k, T)
         positions = torch.arange(T, device=self.device).expand(k, T)
-        hidden = self.model.features(ids, self.cache.rows(first_slot, k), positions, kv_len=T)
+        with onednn_linears(self.device, k * T):  # up to 2x MKL's speed on AMD CPUs
+            hidden = self.model.features(ids, self.cache.rows(first_slot, k), positions, kv_len=T)
+            ends = hidden[torch.arange(k, device=self.device), torch.tensor(lengths, device=self.device) - 1]
+            logits = self.model.head(ends).float()  # only each prompt's last position's are needed
         self.lengths[first_slot : first_slot + k] = lengths
-        ends = hidden[torch.arange(k, device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        return self.model.head(ends).float()  # only each prompt's last position's logits are needed
+        return logits
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
@@ -356,7 +359,7 @@ class Engine:
             logits = decode_step(self.model, tokens_t, positions_t, keys, values, length)
         for slot in slots:
             self.lengths[slot] += 1
-        return logits[list(slots)].float()  # a copy: a CUDA graph reuses its output buffer
+        return logits[_rows(slots)].float()
 
     @torch.inference_mode()
     def copy_slots(self, src: Sequence[int], dst: Sequence[int]) -> None:
@@ -376,14 +379,14 @@ class Engine:
     ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
         """The next token of every active slot, and its log-probabilities where asked for."""
         seqs = [self.seqs[s] for s in active]
-        everything = active == list(range(self.slots))
-        logits = self.logits if everything else self.logits[active]  # (A, vocab)
-        groups: dict[SamplingParams, list[int]] = {}
-        for i, seq in enumerate(seqs):
-            groups.setdefault(seq.request.params, []).append(i)  # type: ignore[union-attr]
-        if len(groups) == 1 and next(iter(groups)).greedy and not next(iter(groups)).penalized:
+        logits = self.logits[_rows(active)]  # (A, vocab)
+        first = seqs[0].request.params  # type: ignore[union-attr]
+        if first.greedy and not first.penalized and all(s.request.params == first for s in seqs[1:]):  # type: ignore[union-attr]
             chosen = logits.argmax(dim=-1)  # the common case, without copies
         else:
+            groups: dict[SamplingParams, list[int]] = {}
+            for i, seq in enumerate(seqs):
+                groups.setdefault(seq.request.params, []).append(i)  # type: ignore[union-attr]
             chosen = torch.empty(len(active), dtype=torch.long, device=self.device)
             for params, rows in groups.items():
                 slots = [active[i] for i in rows]
@@ -462,6 +465,16 @@ class Engine:
         # Unseeded requests still follow torch's global seed, so torch.manual_seed reproduces them.
         seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()).item())
         return torch.Generator(device=self.device).manual_seed(seed + index)
+
+
+def _rows(slots: Sequence[int]) -> slice | list[int]:
+    """The index of `slots` in a tensor with a row per slot: a slice where they are consecutive,
+    as they are at batch 1 and whenever the leading slots are busy. A slice is a view, a list a
+    gather into a new tensor: ~1 against ~15 us, on every step of every sequence."""
+    first = slots[0]
+    if all(slot == first + i for i, slot in enumerate(slots)):
+        return slice(first, first + len(slots))
+    return list(slots)
 
 
 class _StopStrings:
