@@ -10,7 +10,8 @@ Rows: tokens/s of the whole `generate` call (prefill included: an engine per cal
 `kimbho.generate` makes), time to first token for a 256-token prompt (prefill and the first
 token; Hugging Face: `generate(max_new_tokens=1)`), and the peak memory a call adds (CUDA:
 allocator peak; CPU: resident set size sampled every millisecond, minus what it was before the
-call). Each timing is the best of `--repeats` runs after a warm-up. "Same tokens" counts the new
+call). Each timing is the best of `--repeats` runs after a warm-up, the runs of a table taking
+turns so that a slow stretch of the machine slows all of them. "Same tokens" counts the new
 tokens equal to fp32 eager Kimbho's, position by position. The `small` preset's context is raised
 to 512 so a 256-token prompt leaves room.
 
@@ -55,20 +56,29 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(fn: Callable[[], list[list[int]]], device: torch.device, repeats: int) -> Measured:
-    """Best wall time of `repeats` calls after a warm-up, then the memory one more call adds
-    (measured apart: on a 2-core CPU the sampling thread would slow the timed calls)."""
-    fn()
-    best = float("inf")
+def measure_all(
+    runs: dict[str, Callable[[], list[list[int]]]], device: torch.device, repeats: int
+) -> dict[str, Measured]:
+    """Each run's best wall time of `repeats` calls after a warm-up, the runs taking turns (one
+    call of each per round: a stretch where the machine runs slower slows all of them, so the
+    ratios hold), then the memory one more call adds (measured apart: on a 2-core CPU the
+    sampling thread would slow the timed calls)."""
+    for fn in runs.values():
+        fn()
+    best = dict.fromkeys(runs, float("inf"))
+    tokens: dict[str, list[list[int]]] = {}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        tokens = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return Measured(best, peak_memory_mib(fn, device), tokens)
+        for label, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            tokens[label] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[label] = min(best[label], time.perf_counter() - start)
+    return {
+        label: Measured(best[label], peak_memory_mib(fn, device), tokens[label]) for label, fn in runs.items()
+    }
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
@@ -209,29 +219,23 @@ def main() -> None:
     for weights in (model, bf16, int8):  # built before timing (a no-op once in the cache)
         Engine(weights, slots=1, max_len=context, compile=True)
 
-    runs: list[tuple[str, Measured]] = []
-    reference = measure(kimbho_run(model, prompt, total, False), device, args.repeats)
-    runs.append(
-        (
-            "Kimbho default (compiled step), fp32",
-            measure(kimbho_run(model, prompt, total, None), device, args.repeats),
-        )
-    )
-    runs.append(("Kimbho eager (`compile=False`), fp32", reference))
-    runs.append(
-        ("Kimbho `--dtype bf16`", measure(kimbho_run(bf16, prompt, total, None), device, args.repeats))
-    )
-    runs.append(
-        ("Kimbho `--dtype int8`", measure(kimbho_run(int8, prompt, total, None), device, args.repeats))
-    )
-    runs.append(("Hugging Face `generate`, fp32", measure(hf_run(hf, prompt, total), device, args.repeats)))
-    if llama_cpp_available() and device.type == "cpu":
-        with tempfile.TemporaryDirectory() as files:
+    eager = "Kimbho eager (`compile=False`), fp32"
+    batch1 = {
+        "Kimbho default (compiled step), fp32": kimbho_run(model, prompt, total, None),
+        eager: kimbho_run(model, prompt, total, False),
+        "Kimbho `--dtype bf16`": kimbho_run(bf16, prompt, total, None),
+        "Kimbho `--dtype int8`": kimbho_run(int8, prompt, total, None),
+        "Hugging Face `generate`, fp32": hf_run(hf, prompt, total),
+    }
+    with tempfile.TemporaryDirectory() as files:
+        if llama_cpp_available() and device.type == "cpu":
             for dtype in ("f32", "q8_0"):
-                run = llama_cpp_run(gguf_twin(model, dtype, Path(files)), prompt, total, threads)
-                runs.append((f"llama.cpp {dtype}", measure(run, device, args.repeats)))
-    else:
-        print("llama_cpp is not importable (make llama-cpp): no llama.cpp rows")
+                path = gguf_twin(model, dtype, Path(files))
+                batch1[f"llama.cpp {dtype}"] = llama_cpp_run(path, prompt, total, threads)
+        else:
+            print("llama_cpp is not importable (make llama-cpp): no llama.cpp rows")
+        runs = list(measure_all(batch1, device, args.repeats).items())
+    reference = dict(runs)[eager]
     llama = dict(runs).get("llama.cpp f32")
     hf_seconds = dict(runs)["Hugging Face `generate`, fp32"].seconds
     print()
@@ -264,14 +268,29 @@ def main() -> None:
     if args.batch:
         prompts, total = prompts_of(args.batch, args.prompt_tokens), args.batch * args.new_tokens
         Engine(model, slots=args.batch, max_len=context, compile=True)  # built before timing
-        theirs = measure(hf_run(hf, prompts, args.new_tokens), device, args.repeats)
-        for label, compile in (("default", None), ("eager", False)):
-            ours = measure(kimbho_run(model, prompts, args.new_tokens, compile), device, args.repeats)
-            row(f"fp32, batch {args.batch}, Kimbho {label} (aggregate tokens/s)", ours, theirs, total)
+        batched = measure_all(
+            {
+                "hf": hf_run(hf, prompts, args.new_tokens),
+                "default": kimbho_run(model, prompts, args.new_tokens, None),
+                "eager": kimbho_run(model, prompts, args.new_tokens, False),
+            },
+            device,
+            args.repeats,
+        )
+        for label in ("default", "eager"):
+            row(
+                f"fp32, batch {args.batch}, Kimbho {label} (aggregate tokens/s)",
+                batched[label],
+                batched["hf"],
+                total,
+            )
     long_prompt = prompts_of(1, args.ttft_prompt)
-    ours = measure(kimbho_run(model, long_prompt, 1, None), device, args.repeats)
-    theirs = measure(hf_run(hf, long_prompt, 1), device, args.repeats)
-    row(f"fp32, time to first token, {args.ttft_prompt}-token prompt", ours, theirs, None)
+    first = measure_all(
+        {"ours": kimbho_run(model, long_prompt, 1, None), "hf": hf_run(hf, long_prompt, 1)},
+        device,
+        args.repeats,
+    )
+    row(f"fp32, time to first token, {args.ttft_prompt}-token prompt", first["ours"], first["hf"], None)
     print()
     print("| run | Kimbho | Hugging Face | speed-up | peak MiB added, Kimbho / HF | check |")
     print("|---|---|---|---|---|---|")

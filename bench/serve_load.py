@@ -10,7 +10,8 @@ serving, for its compiled decode steps (one per bucket of 1, 2, 4, ... slots) to
 machine, or set `KIMBHO_COMPILE_DECODE=0` to time eager decoding.
 Reported per level: completed requests, generated tokens, aggregate tokens/s (and its ratio to
 one client: what continuous batching buys), request latency p50/p99, time to first token p50,
-and errors (anything but a clean stream ending in [DONE]).
+and errors (anything but a clean stream ending in [DONE]). Then, with the server stopped, the
+engine's own single stream on the same requests: what one client's tokens/s is measured against.
 """
 
 from __future__ import annotations
@@ -89,6 +90,30 @@ def _random_model(preset: str):  # type: ignore[no-untyped-def]
     tokenizer = kimbho.Tokenizer.from_file(path)
     torch.manual_seed(0)
     return kimbho.KimbhoV1Model(cfg).eval(), tokenizer
+
+
+def _engine_stream(model: str | None, preset: str, slots: int, seconds: float, max_tokens: int) -> float:
+    """The reference for one client: the engine's own single stream, in this process with the
+    server stopped, on the same model, slots (so the same compiled step) and requests (prompt,
+    sampling, seed, end-of-text), one at a time for `seconds`; its tokens/s."""
+    import kimbho
+    from kimbho.inference.defaults import DEFAULT_TOP_P
+    from kimbho.inference.engine import Engine, Request
+    from kimbho.inference.sampling import SamplingParams
+
+    model_, tokenizer = kimbho.load(model) if model else _random_model(preset)
+    engine = Engine(model_, tokenizer, slots=slots, compile=True)
+    stop = (tokenizer.eot_id,) if tokenizer.eot_id is not None else ()
+    tokens, i = 0, 0
+    start = time.monotonic()
+    while time.monotonic() < start + seconds:
+        ids = tokenizer.encode(PROMPTS[i % len(PROMPTS)])
+        request = Request(
+            ids, max_tokens, SamplingParams(0.8, top_p=DEFAULT_TOP_P), seed=i, stop_token_ids=stop
+        )
+        tokens += sum(1 for _ in engine.run([request]))
+        i += 1
+    return tokens / (time.monotonic() - start)
 
 
 async def _client(url: str, level: Level, deadline: float, max_tokens: int, index: int) -> None:
@@ -209,6 +234,13 @@ def main() -> None:
     finally:
         server.terminate()
         server.join()
+    if base is not None:
+        alone = _engine_stream(args.model, args.preset, max(args.clients), args.seconds, args.max_tokens)
+        print()
+        print(
+            f"the engine's own single stream, same requests one at a time (no server): {alone:.0f} tokens/s; "
+            f"one client gets {base / alone:.2f}x of it"
+        )
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ Each sequence draws from its own seeded `torch.Generator` and rows never mix in 
 pass, so a request's tokens do not depend on what else shares the batch (up to the rounding of
 batched matrix products).
 
-The decode step is a plain function of static-shape tensors. Eager, it runs on the slots in use
-and the cached positions filled so far. Compiled, it always runs on every slot and the whole
-cache, so one compiled graph serves every step: on CUDA captured in a CUDA graph; on the CPU
-with its few-row matrix products rewritten to read the weights at memory speed (`small_matmul`),
-several times eager's tokens/s at batch 1 (docs/generation.md, Decode speed). `compile=None`
-picks (`device.compile_decode`): CUDA compiles before the first step; the CPU decodes eager while
-a background thread compiles, then switches (`decode_step.CompiledStep`).
+The decode step is a plain function of the cache's tensors. Eager, it runs on the slots in use
+and the cached positions filled so far. Compiled on the CPU, it runs on the smallest bucket of
+leading slots (1, 2, 4, ...) that holds them and on the positions filled so far, with its few-row
+matrix products rewritten to read the weights at memory speed (`small_matmul`), several times
+eager's tokens/s at batch 1 (docs/generation.md, Decode speed); on CUDA on every slot and the
+whole cache, captured in a CUDA graph. `compile=None` picks (`device.compile_decode`): CUDA
+compiles before the first step; the CPU decodes eager until its package is built, once per
+machine, by a background process (`decode_step.compiled_steps`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from ..device import compile_decode
 from ..errors import KimbhoError, RequestError
 from ..model import KimbhoV1Model
 from .decode_step import compiled_steps, decode_step
-from .onednn import onednn_linears
 from .sampling import SamplingParams, draw, process_logits
 
 
@@ -322,12 +322,10 @@ class Engine:
         k, T = len(prompts), max(lengths)
         ids = torch.tensor([[*p, *[0] * (T - len(p))] for p in prompts], device=self.device)  # (k, T)
         positions = torch.arange(T, device=self.device).expand(k, T)
-        with onednn_linears(self.device, k * T):  # up to 2x MKL's speed on AMD CPUs
-            hidden = self.model.features(ids, self.cache.rows(first_slot, k), positions, kv_len=T)
-            ends = hidden[torch.arange(k, device=self.device), torch.tensor(lengths, device=self.device) - 1]
-            logits = self.model.head(ends).float()  # only each prompt's last position's are needed
+        hidden = self.model.features(ids, self.cache.rows(first_slot, k), positions, kv_len=T)
         self.lengths[first_slot : first_slot + k] = lengths
-        return logits
+        ends = hidden[torch.arange(k, device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return self.model.head(ends).float()  # only each prompt's last position's logits are needed
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .transformer import Block, KimbhoV1Model
 
 ADAPTER_MARK = ".lora_"  # in the name of every adapter tensor, and of no base tensor
@@ -111,7 +112,7 @@ def merge_adapters(model: KimbhoV1Model) -> None:
     for parent, name, _ in _projections(model):
         module = getattr(parent, name)
         if isinstance(module, LoraLinear):
-            merged = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            merged = Linear(module.in_features, module.out_features, bias=False, device="meta")
             merged.weight = nn.Parameter(module.merged_weight().detach(), requires_grad=False)
             setattr(parent, name, merged)
 

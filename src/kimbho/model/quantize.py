@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import linear
+
 
 class Int8Linear(nn.Module):
     """A bias-free linear layer of int8 weights, one fp32 scale per output feature (`scales`).
@@ -86,7 +88,7 @@ class Int8Linear(nn.Module):
         words = self.packed.shape[1]
         x = F.pad(x, (0, 4 * words - self.in_features))
         x = x.unflatten(-1, (4, words)).transpose(-1, -2).flatten(-2)
-        return F.linear(x, self.packed.view(torch.int8).to(x.dtype)) * self.scales.to(x.dtype)
+        return linear(x, self.packed.view(torch.int8).to(x.dtype)) * self.scales.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         """`packed` holds bits, not numbers: it moves with the module (`.to(device)`) but keeps

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import KimbhoConfig
 from ..errors import KimbhoError
+from .linear import Linear
 from .loss import linear_cross_entropy
 
 
@@ -121,10 +122,10 @@ class GroupedQueryAttention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.dropout = config.dropout
-        self.qkv = nn.Linear(
+        self.qkv = Linear(
             config.emb_dim, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False
         )
-        self.out = nn.Linear(self.num_heads * self.head_dim, config.emb_dim, bias=False)
+        self.out = Linear(self.num_heads * self.head_dim, config.emb_dim, bias=False)
 
     def forward(
         self,
@@ -166,8 +167,8 @@ class SwiGLU(nn.Module):
         super().__init__()
         hidden = config.mlp_hidden
         assert hidden is not None
-        self.gate_up = nn.Linear(config.emb_dim, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, config.emb_dim, bias=False)
+        self.gate_up = Linear(config.emb_dim, 2 * hidden, bias=False)
+        self.down = Linear(hidden, config.emb_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -212,7 +213,7 @@ class KimbhoV1Model(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.emb_dim, padding_idx=config.pad_idx)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_blocks))
         self.norm = RMSNorm(config.emb_dim, config.norm_eps)
-        self.head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        self.head = Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         # Activation checkpointing: keep only each block's input for backward and recompute the

@@ -1,0 +1,60 @@
+"""The model's linear layer: `nn.Linear`, whose products outside autograd on the CPU run in oneDNN.
+
+Eager PyTorch gives an fp32 matrix product on the CPU to MKL. On AMD CPUs MKL is known to take
+slower code paths than on Intel's, and oneDNN, which ships inside PyTorch and picks its kernels
+by instruction set, was faster at every size measured on a 2-core AMD EPYC Zen 5: 1 x 384 by
+384 x 8192 (the `small` head, one token) 300 against 137 us, 16 x 384 by 384 x 2048 302 against
+196 us, 256 rows 3.1 against 1.2 ms; a 16-token prefill of `small` 12 against 7 ms
+(docs/generation.md, Decode speed). So `linear` sends fp32 CPU products that autograd does not
+record (prefill, evaluation, eager decoding) to oneDNN, on the weights as they are (no packed
+copy, no memory added); the results differ from MKL's in the order of summation only. Training
+keeps `F.linear` and its backward, and so does anything being compiled: the compiled decode
+step rewrites the `mm` that F.linear lowers to (`inference/small_matmul.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, in oneDNN where that is faster (see the module docstring)."""
+    if (
+        x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and type(weight) in (torch.Tensor, nn.Parameter)  # not a DTensor, a fake or meta tensor
+        and type(x) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and _onednn_available()
+    ):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same state dict) whose forward is `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@functools.cache
+def _onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear, checked once against F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.randn(3, 8), torch.randn(5, 8)
+        return torch.allclose(_onednn_linear(x, w, None), F.linear(x, w), atol=1e-5)
+    except (RuntimeError, AttributeError):
+        return False

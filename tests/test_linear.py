@@ -1,0 +1,60 @@
+"""The model's linear layer: oneDNN for fp32 CPU products outside autograd, F.linear elsewhere."""
+
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import kimbho
+from kimbho.inference.engine import Engine, Request
+from kimbho.model import linear as linear_module
+from kimbho.model.linear import Linear
+
+
+def _calls(layer: Linear, x: torch.Tensor, grad: bool) -> tuple[int, torch.Tensor]:
+    """How many products of `layer(x)` went to oneDNN, and the output."""
+    assert linear_module._onednn_available()  # (checked once, with a product of its own)
+    spy = mock.patch.object(linear_module, "_onednn_linear", wraps=linear_module._onednn_linear)
+    with spy as called, torch.set_grad_enabled(grad):
+        out = layer(x)
+    return called.call_count, out
+
+
+def test_inference_products_go_to_onednn_and_equal_f_linear():
+    torch.manual_seed(0)
+    layer, x = Linear(48, 24, bias=True), torch.randn(2, 5, 48)
+    calls, out = _calls(layer, x, grad=False)
+    assert calls == 1
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
+    with torch.inference_mode():
+        assert _calls(layer, x, grad=False)[0] == 1
+
+
+def test_training_bf16_and_compiled_graphs_keep_f_linear():
+    torch.manual_seed(0)
+    layer, x = Linear(16, 8, bias=False), torch.randn(4, 16)
+    calls, out = _calls(layer, x, grad=True)
+    assert calls == 0  # autograd records F.linear and its backward
+    out.sum().backward()
+    assert layer.weight.grad is not None
+    assert _calls(layer.to(torch.bfloat16), x.bfloat16(), grad=False)[0] == 0  # bf16 is oneDNN's already
+    graphs: list[str] = []
+
+    def record(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(layer.float(), backend=record)(x)
+    assert graphs and "mkldnn" not in graphs[0]  # the compiled decode step rewrites the plain product
+
+
+def test_greedy_tokens_of_a_prefilled_prompt_equal_the_forward_pass():
+    torch.manual_seed(0)
+    model = kimbho.KimbhoV1Model(kimbho.KimbhoConfig.from_preset("tiny")).eval()
+    prompt = torch.randint(5, model.config.vocab_size, (40,)).tolist()
+    out = [e.token for e in Engine(model, slots=1, compile=False).run([Request(prompt, 8)])]
+    ids = list(prompt)
+    for _ in range(8):  # recomputed from scratch each time, with autograd on: F.linear throughout
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[len(prompt) :]
