@@ -380,9 +380,12 @@ class KimbhoV1Model(nn.Module):
         weight = self.embed.weight
         shape = (self.config.num_blocks, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim)
         dtype = dtype or weight.dtype
+        # empty + zero_, not zeros: on the CPU torch.zeros of a few MB took ~0.5 ms against ~0.03
+        # (it takes fresh pages from the system; `empty` reuses what the process freed), and
+        # `generate` makes a cache per call.
         return KVCache(
-            torch.zeros(shape, dtype=dtype, device=weight.device),
-            torch.zeros(shape, dtype=dtype, device=weight.device),
+            torch.empty(shape, dtype=dtype, device=weight.device).zero_(),
+            torch.empty(shape, dtype=dtype, device=weight.device).zero_(),
         )
 
     def num_params(self, non_embedding: bool = False) -> int:
