@@ -6,7 +6,7 @@ whatever `torch.get_num_threads()` says, at a fraction of what the memory delive
 product becomes an Inductor reduction: one vectorised pass over the weights, split across all
 threads, that uses each weight row for every input row while the row is in cache, at several
 times MKL's speed for one row (docs/generation.md, Decode speed). Each further row costs more
-arithmetic, and by about eight rows MKL's product is as fast.
+arithmetic, so from some number of rows (`FEW_ROWS`) MKL's product is left as it is.
 
 `SmallMatmulPass` makes that rewrite in the compiled graph, after autograd and decompositions,
 where every linear layer is an `aten.mm`. Its input rows are materialised first: otherwise
@@ -28,8 +28,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 aten = torch.ops.aten
 
 # Up to this many rows the rewrite pays, timing a whole compiled decode step of `small` (the
-# measurements are in docs/generation.md, Decode speed).
-FEW_ROWS = 6
+# measurements are in docs/generation.md, Decode speed): on a Zen 3 (AVX2) MKL's product was as
+# fast from ~8 rows; on a Zen 5 (AVX512), where MKL is slower, batch-8 `generate` made 2,575
+# tokens/s with the rewrite at 8 rows against 922 with MKL's.
+FEW_ROWS = 8
 # The sum over K runs as SPLIT sums of K/SPLIT terms. Each sum is one chain of vector additions,
 # so shorter chains that the compiler unrolls overlap; and an int8 weight's four bytes per word
 # (`model.quantize`) become one term each, their shifts constant in the inner loop. Measured on
