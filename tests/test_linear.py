@@ -30,13 +30,16 @@ def test_inference_products_go_to_onednn_and_equal_f_linear():
         assert _calls(layer, x, grad=False)[0] == 1
 
 
-def test_training_bf16_and_compiled_graphs_keep_f_linear():
+def test_training_autocast_bf16_and_compiled_graphs_keep_f_linear():
     torch.manual_seed(0)
     layer, x = Linear(16, 8, bias=False), torch.randn(4, 16)
     calls, out = _calls(layer, x, grad=True)
     assert calls == 0  # autograd records F.linear and its backward
     out.sum().backward()
     assert layer.weight.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 product, as it decides
+        calls, out = _calls(layer, x, grad=False)
+    assert calls == 0 and out.dtype == torch.bfloat16
     assert _calls(layer.to(torch.bfloat16), x.bfloat16(), grad=False)[0] == 0  # bf16 is oneDNN's already
     graphs: list[str] = []
 
@@ -58,3 +61,10 @@ def test_greedy_tokens_of_a_prefilled_prompt_equal_the_forward_pass():
     for _ in range(8):  # recomputed from scratch each time, with autograd on: F.linear throughout
         ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert out == ids[len(prompt) :]
+
+
+def test_the_availability_check_leaves_the_random_stream_and_autocast_alone():
+    state = torch.get_rng_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # where training first calls it
+        assert linear_module._onednn_available.__wrapped__()
+    assert torch.equal(torch.get_rng_state(), state)  # a resumed run draws what the first one did

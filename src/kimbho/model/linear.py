@@ -8,8 +8,9 @@ by instruction set, was faster at every size measured on a 2-core AMD EPYC Zen 5
 (docs/generation.md, Decode speed). So `linear` sends fp32 CPU products that autograd does not
 record (prefill, evaluation, eager decoding) to oneDNN, on the weights as they are (no packed
 copy, no memory added); the results differ from MKL's in the order of summation only. Training
-keeps `F.linear` and its backward, and so does anything being compiled: the compiled decode
-step rewrites the `mm` that F.linear lowers to (`inference/small_matmul.py`).
+keeps `F.linear` and its backward, autocast regions keep it (it casts to bf16 there), and so does
+anything being compiled: the compiled decode step rewrites the `mm` that F.linear lowers to
+(`inference/small_matmul.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")  # there F.linear runs in bf16: autocast decides
         and type(weight) in (torch.Tensor, nn.Parameter)  # not a DTensor, a fake or meta tensor
         and type(x) is torch.Tensor
         and not torch.compiler.is_compiling()
@@ -54,7 +56,10 @@ def _onednn_available() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        x, w = torch.randn(3, 8), torch.randn(5, 8)
-        return torch.allclose(_onednn_linear(x, w, None), F.linear(x, w), atol=1e-5)
+        # Fixed values: drawing random ones would move the caller's random stream (a resumed
+        # run's dropout and samples would then differ from the uninterrupted run's).
+        x, w = torch.linspace(-1, 1, 24).view(3, 8), torch.linspace(1, -1, 40).view(5, 8)
+        with torch.autocast("cpu", enabled=False):  # it may be first called inside autocast
+            return torch.allclose(_onednn_linear(x, w, None), F.linear(x, w), atol=1e-5)
     except (RuntimeError, AttributeError):
         return False
