@@ -4,7 +4,7 @@ Eager PyTorch gives an fp32 matrix product on the CPU to MKL. On AMD CPUs MKL is
 slower code paths than on Intel's, and oneDNN, which ships inside PyTorch and picks its kernels
 by instruction set, was faster at every size measured on a 2-core AMD EPYC Zen 5: 1 x 384 by
 384 x 8192 (the `small` head, one token) 300 against 137 us, 16 x 384 by 384 x 2048 302 against
-196 us, 256 rows 3.1 against 1.2 ms; a 16-token prefill of `small` 12 against 7 ms
+196 us, 256 rows 3.1 against 1.2 ms; a 16-token prefill of `small` 8.0 against 5.6 ms
 (docs/generation.md, Decode speed). So `linear` sends fp32 CPU products that autograd does not
 record (prefill, evaluation, eager decoding) to oneDNN, on the weights as they are (no packed
 copy, no memory added); the results differ from MKL's in the order of summation only. Training

@@ -381,7 +381,7 @@ class KimbhoV1Model(nn.Module):
         shape = (self.config.num_blocks, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim)
         dtype = dtype or weight.dtype
         # empty + zero_, not zeros: on the CPU torch.zeros of a few MB took ~0.5 ms against ~0.03
-        # (it takes fresh pages from the system; `empty` reuses what the process freed), and
+        # (it seems to take fresh pages from the system; `empty` reuses what was freed), and
         # `generate` makes a cache per call.
         return KVCache(
             torch.empty(shape, dtype=dtype, device=weight.device).zero_(),
