@@ -234,16 +234,16 @@ def main() -> None:
                 batch1[f"llama.cpp {dtype}"] = llama_cpp_run(path, prompt, total, threads)
         else:
             print("llama_cpp is not importable (make llama-cpp): no llama.cpp rows")
-        runs = list(measure_all(batch1, device, args.repeats).items())
-    reference = dict(runs)[eager]
-    llama = dict(runs).get("llama.cpp f32")
-    hf_seconds = dict(runs)["Hugging Face `generate`, fp32"].seconds
+        runs = measure_all(batch1, device, args.repeats)
+    reference = runs[eager]
+    llama = runs.get("llama.cpp f32")
+    hf_seconds = runs["Hugging Face `generate`, fp32"].seconds
     print()
     print(f"batch 1, {args.new_tokens} new tokens after {args.prompt_tokens}:")
     print()
     print("| run | tokens/s | vs llama.cpp f32 | vs Hugging Face | same tokens as fp32 eager |")
     print("|---|---|---|---|---|")
-    for label, m in runs:
+    for label, m in runs.items():
         versus = f"{llama.seconds / m.seconds:.2f}x" if llama else "-"
         same = sum(a == b for a, b in zip(m.tokens[0], reference.tokens[0], strict=True))
         print(
