@@ -31,11 +31,12 @@ class Int8Linear(nn.Module):
     The int8 matrix (out, in) is stored four values to a 32-bit word, `packed` (out, in/4): byte
     j of word c holds column j * in/4 + c. Unpacked by shifts, `(word << 24 - 8j) >> 24`, it is
     one pointwise expression that Inductor fuses into the compiled decode step's reductions,
-    which then read the weights a whole 32-byte vector at a time. The words sit in a float32
-    tensor, bit for bit, and are reinterpreted as int32 where they are read: Inductor's CPU code
-    loads integer vectors through a copy on the stack (and int8 ones 8 values at a time), which
-    made the step 4-5x slower than these float loads (docs/generation.md, Inference dtypes).
-    `weight` gives the dequantized matrix, for code that reads a linear layer's weight (the
+    which then read the weights a whole vector of int32 words at a time (in AVX512 and in AVX2
+    code alike). An earlier layout kept the words in a float32 tensor, reinterpreted where read:
+    Inductor then copies each vector through the stack, 16 scalar moves, and on an Intel Sapphire
+    Rapids the int8 `generate` of `small` made 267 tokens/s against 1,263 with int32 words
+    (docs/generation.md, Inference dtypes). Being integers, the words keep their dtype through
+    `.to(torch.bfloat16)`. `weight` gives the dequantized matrix, for code that reads a linear layer's weight (the
     fused loss of `forward(targets=...)`)."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, in_features: int) -> None:
@@ -57,7 +58,7 @@ class Int8Linear(nn.Module):
         out, size = q.shape
         q = F.pad(q, (0, -size % 4))  # whole words: zero columns, cut off when unpacked
         words = q.view(out, 4, -1).transpose(1, 2).contiguous().view(torch.int32).view(out, -1)
-        return cls(words.view(torch.float32), scales, size)
+        return cls(words, scales, size)
 
     @property
     def out_features(self) -> int:
@@ -69,7 +70,7 @@ class Int8Linear(nn.Module):
         out = self.out_features
         if torch.compiler.is_compiling():
             shifts = 24 - 8 * torch.arange(4, dtype=torch.int32, device=self.packed.device)
-            words = self.packed.view(torch.int32)[:, None, :]
+            words = self.packed[:, None, :]
             unpacked = (words << shifts[None, :, None]) >> 24  # (out, 4, in/4): sign-extended
         else:  # little-endian: byte j of a word is its j-th int8
             unpacked = self.packed.view(torch.int8).view(out, -1, 4).transpose(1, 2)
@@ -89,14 +90,6 @@ class Int8Linear(nn.Module):
         x = F.pad(x, (0, 4 * words - self.in_features))
         x = x.unflatten(-1, (4, words)).transpose(-1, -2).flatten(-2)
         return linear(x, self.packed.view(torch.int8).to(x.dtype)) * self.scales.to(x.dtype)
-
-    def _apply(self, fn, recurse=True):
-        """`packed` holds bits, not numbers: it moves with the module (`.to(device)`) but keeps
-        its dtype through `.to(torch.bfloat16)` and the like, which would round them."""
-        words = self.packed.view(torch.int32)
-        super()._apply(fn, recurse)
-        self.packed = fn(words).view(torch.float32)  # an int32 tensor changes device only
-        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
