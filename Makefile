@@ -35,12 +35,19 @@ test-precision: $(STAMP)
 	KIMBHO_CPU_BF16=1 $(BIN)/python -m pytest -q -m precision
 	KIMBHO_CPU_BF16=0 $(BIN)/python -m pytest -q -m precision
 
-# llama.cpp's Python bindings, compiled from source (about half an hour on 2 CPU cores): with them
+# llama.cpp's Python bindings, compiled from source (3-5 minutes on 2 CPU cores): with them
 # installed, `make test` also runs exported GGUF files in llama.cpp. LLAVA_BUILD=OFF skips the
-# multimodal library Kimbho does not use.
+# multimodal library Kimbho does not use. On CPUs with AMX (Intel Sapphire Rapids and later) the
+# native build's AMX kernel of this release crashes at its first product (ldtilecfg on an invalid
+# tile configuration, llama.cpp PR 26954), so there it is built for AVX512 with VNNI and BF16,
+# without AMX.
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+LLAMA_CPP_NO_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+	-DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
 llama-cpp: $(STAMP)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(BIN)/pip install "$(LLAMA_CPP_PYTHON)"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $$(grep -q amx_int8 /proc/cpuinfo 2>/dev/null && echo '$(LLAMA_CPP_NO_AMX)') $(CMAKE_ARGS)" \
+		$(BIN)/pip install "$(LLAMA_CPP_PYTHON)"
 
 lint: $(STAMP)
 	$(BIN)/mypy
