@@ -699,3 +699,34 @@ def test_slots_are_sized_by_a_bounded_default_not_the_declared_context(tokenizer
         model, tokenizer, ServerOptions(slots=1, max_len=3 * DEFAULT_MAX_LEN), ChatFormat(tokenizer)
     )
     assert app.state.worker.engine.max_len == 3 * DEFAULT_MAX_LEN
+
+
+def test_the_building_threads_cpu_threads_are_handed_over() -> None:
+    """A thread that ran parallel CPU work keeps a pool of OpenMP threads; handing over ends
+    them, so that the engine's thread is the only one with a pool (`device.hand_over_cpu_threads`)."""
+    from kimbho.device import _gnu_openmp, hand_over_cpu_threads
+
+    if _gnu_openmp() is None or torch.get_num_threads() < 2:
+        pytest.skip("needs GNU OpenMP (Linux) and 2 or more CPU threads")
+
+    def tasks() -> int:
+        return len(list(Path("/proc/self/task").iterdir()))
+
+    counts: list[int] = []
+
+    def build_then_hand_over() -> None:
+        before = tasks()
+        torch.ones(2**22).sum()  # parallel work: this thread's pool starts
+        counts.append(tasks() - before)
+        assert hand_over_cpu_threads()
+        for _ in range(200):  # the pool's threads exit on their own, soon after
+            if tasks() == before:
+                break
+            time.sleep(0.01)
+        counts.append(tasks() - before)
+        torch.ones(2**22).sum()  # and it still computes (a new pool, if needed)
+
+    thread = threading.Thread(target=build_then_hand_over)
+    thread.start()
+    thread.join()
+    assert counts == [torch.get_num_threads() - 1, 0]

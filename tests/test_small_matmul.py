@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from kimbho.inference.small_matmul import FEW_ROWS, SPLIT, SmallMatmulPass
+from kimbho.inference import small_matmul
+from kimbho.inference.small_matmul import FEW_ROWS, SPLIT, SmallMatmulPass, few_rows
 
 
 def _mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,19 @@ def test_many_rows_keep_the_matrix_product() -> None:
     gm = make_fx(_mlp, tracing_mode="fake")(x, w1, w2)
     SmallMatmulPass()(gm.graph)
     assert _ops(gm).count(torch.ops.aten.mm.default) == 2
+
+
+def test_float_weights_on_intel_leave_products_of_two_rows_to_mkl(monkeypatch) -> None:
+    x, w1, w2 = torch.randn(2, 32), torch.randn(48, 32), torch.randn(24, 48)
+    monkeypatch.setattr(small_matmul, "cpu_vendor", lambda: "GenuineIntel")
+    assert (few_rows(int8=False), few_rows(int8=True)) == (1, FEW_ROWS)
+    for rows, products in ((few_rows(int8=False), 2), (few_rows(int8=True), 0)):
+        gm = make_fx(_mlp, tracing_mode="fake")(x, w1, w2)
+        SmallMatmulPass(rows)(gm.graph)
+        assert _ops(gm).count(torch.ops.aten.mm.default) == products
+    assert SmallMatmulPass(1).uuid() != SmallMatmulPass(FEW_ROWS).uuid()  # packages differ
+    monkeypatch.setattr(small_matmul, "cpu_vendor", lambda: "AuthenticAMD")
+    assert few_rows(int8=False) == FEW_ROWS
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..device import cpu_vendor
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model, KVCache
 from .decode_step import Step, decode_step
@@ -124,7 +125,7 @@ def package_name(spec: dict[str, Any]) -> str:
 @functools.cache
 def _code_identity() -> bytes:
     """What the compiled code depends on besides the shape: the torch version, the CPU's vector
-    ISA, the platform, and Kimbho's model and decode sources. Read once a process: `generate`
+    ISA and vendor, the platform, and Kimbho's model and decode sources. Read once a process: `generate`
     names its packages at every call."""
     here = Path(__file__).resolve().parent
     sources = sorted((here.parent / "model").glob("*.py")) + [
@@ -136,6 +137,7 @@ def _code_identity() -> bytes:
     for part in (
         torch.__version__,
         torch.backends.cpu.get_cpu_capability(),
+        cpu_vendor(),  # the products the step leaves to MKL (`small_matmul.few_rows`)
         platform.machine(),
         f"{sys.version_info[0]}.{sys.version_info[1]}",
     ):
@@ -361,7 +363,7 @@ def build(spec_file: Path) -> None:
     compiled in), check it against the signature, export, compile, rename into place."""
     from ..config import KimbhoConfig
     from ..model.quantize import quantize_int8
-    from .small_matmul import SmallMatmulPass
+    from .small_matmul import SmallMatmulPass, few_rows
 
     spec = json.loads(spec_file.read_text())
     directory, name = spec_file.parent, spec_file.stem
@@ -399,7 +401,7 @@ def build(spec_file: Path) -> None:
             exported,
             package_path=str(partial),
             inductor_configs={
-                "post_grad_custom_post_pass": SmallMatmulPass(),
+                "post_grad_custom_post_pass": SmallMatmulPass(few_rows(spec["int8"])),
                 "aot_inductor.package_constants_in_so": False,  # code only: weights bound at load
             },
         )

@@ -25,12 +25,15 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from ..device import cpu_vendor
+
 aten = torch.ops.aten
 
 # Up to this many rows the rewrite pays, timing a whole compiled decode step of `small` (the
 # measurements are in docs/generation.md, Decode speed): on a Zen 3 (AVX2) MKL's product was as
 # fast from ~8 rows; on a Zen 5 (AVX512), where MKL is slower, batch-8 `generate` made 2,575
-# tokens/s with the rewrite at 8 rows against 922 with MKL's.
+# tokens/s with the rewrite at 8 rows against 922 with MKL's. On Intel CPUs MKL takes its fast
+# paths: see `few_rows`.
 FEW_ROWS = 8
 # The sum over K runs as SPLIT sums of K/SPLIT terms. Each sum is one chain of vector additions,
 # so shorter chains that the compiler unrolls overlap; and an int8 weight's four bytes per word
@@ -39,29 +42,42 @@ FEW_ROWS = 8
 SPLIT = 4
 
 
+def few_rows(int8: bool) -> int:
+    """Up to how many rows the rewrite replaces a product on this CPU. int8 weights need it
+    (MKL's product would read them dequantized to fp32, every step): `FEW_ROWS`. Float weights
+    on an Intel CPU: 1 row only, where both run at the memory's speed (1.14-1.15 ms a `small`
+    fp32 step); from 2 rows MKL's product (and oneDNN's, bf16) was 1.7-2.8x faster there
+    (a 2-core Sapphire Rapids: fp32 2 rows 1.18 against 2.02 ms, 8 rows 3.0 against 7.0; bf16
+    8 rows 2.2 against 6.1). Elsewhere `FEW_ROWS`."""
+    return FEW_ROWS if int8 or cpu_vendor() != "GenuineIntel" else 1
+
+
 class SmallMatmulPass(CustomGraphPass):
-    """An Inductor post-grad pass: each CPU `mm` of at most `FEW_ROWS` rows becomes
+    """An Inductor post-grad pass: each CPU `mm` of at most `rows` rows (`few_rows`) becomes
     multiply-and-sum over materialised rows, and each single-query fused attention becomes
     plain arithmetic. Pass it as
     `torch.compile(fn, options={"post_grad_custom_post_pass": SmallMatmulPass()})`."""
 
+    def __init__(self, rows: int = FEW_ROWS) -> None:
+        self.rows = rows
+
     def __call__(self, graph: torch.fx.Graph) -> None:
         for node in list(graph.nodes):
             if node.target is aten.mm.default:
-                _rewrite_matmul(graph, node)
+                _rewrite_matmul(graph, node, self.rows)
             elif node.target is aten._scaled_dot_product_flash_attention_for_cpu.default:
                 _rewrite_attention(graph, node)
 
     def uuid(self) -> Any:
-        return get_hash_for_files((__file__,))
+        return (get_hash_for_files((__file__,)), self.rows)
 
 
-def _rewrite_matmul(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+def _rewrite_matmul(graph: torch.fx.Graph, node: torch.fx.Node, few_rows: int) -> None:
     """rows (M, K) @ weight.T as a sum over (SPLIT, K/SPLIT) of weight (N, 1, SPLIT, K/SPLIT) *
-    rows (M, SPLIT, K/SPLIT)."""
+    rows (M, SPLIT, K/SPLIT), for M <= few_rows."""
     rows, weight_t = (_node(a) for a in node.args)  # (M, K) and (K, N): the weight transposed
     val = rows.meta["val"]
-    if val.device.type != "cpu" or val.shape[0] > FEW_ROWS:
+    if val.device.type != "cpu" or val.shape[0] > few_rows:
         return
     M, K = val.shape
     G = SPLIT if K % SPLIT == 0 else 1

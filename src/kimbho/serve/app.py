@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..data.tokenizer import Tokenizer
+from ..device import hand_over_cpu_threads
 from ..inference.chat import ChatFormat
 from ..inference.engine import Engine
 from ..model import KimbhoV1Model
@@ -65,6 +66,8 @@ def create_app(
             f"slots hold {max_len:,} tokens of the model's {model.config.max_seq_len:,} (raise with --max-len)"
         )
     engine = Engine(model, tokenizer, slots=options.slots, max_len=max_len)
+    # The model was built on this thread and is decoded on the worker's: one pool of CPU threads.
+    hand_over_cpu_threads()
     worker = Worker(engine, options.max_queue)
     augmenter = None
     if retriever is not None:

@@ -163,6 +163,10 @@ class Worker:
     def _admit(self) -> None:
         """Move waiting requests into free slots, oldest first, all in one `add_batch` (so
         requests that arrive together are prefilled together)."""
+        # Most steps have nothing to take. Read without the lock: a job appended meanwhile is taken
+        # at the next step (the loop checks for waiting jobs under the lock before it sleeps).
+        if not self._waiting or not self.engine.free_slots:
+            return
         with self._cond:
             # The waiting requests in order (each needs a slot at least, so no more than are free).
             pending = (
