@@ -12,7 +12,7 @@ import torch
 import kimbho
 from kimbho.config import KimbhoConfig
 from kimbho.device import COMPILE_DECODE_ENV, compile_decode
-from kimbho.inference import decode_package
+from kimbho.inference import cpu_kernels, decode_package
 from kimbho.inference.decode_package import CACHE_DIR_ENV, package_name, spec_of
 from kimbho.inference.engine import Engine, Request
 
@@ -73,8 +73,9 @@ def test_engines_decode_eager_until_the_package_is_built_then_share_it(tmp_path:
         e.token for e in Engine(model, slots=2, max_len=48, compile=False).run(full)
     ]
     built = sorted(p.name for p in (tmp_path / "decode").iterdir())
-    # A package per bucket of slots, and no lock, log, spec or partial file left.
-    assert built == sorted(_package(model, 2, rows, tmp_path).name for rows in (1, 2))
+    # A package per bucket of slots, the kernels they call, and no lock, log, spec or partial file left.
+    packages = [_package(model, 2, rows, tmp_path).name for rows in (1, 2)]
+    assert built == sorted([*packages, cpu_kernels.library_path(tmp_path / "decode").name])
     # Another model of the same shape binds its own weights to the same package, at once.
     torch.manual_seed(1)
     other = kimbho.KimbhoV1Model(KimbhoConfig.from_preset("tiny")).eval()

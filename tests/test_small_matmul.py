@@ -1,63 +1,93 @@
-"""The compiled decode step's rewrite of few-row matrix products (`kimbho.inference.small_matmul`)."""
+"""The compiled decode step's graph pass (`kimbho.inference.small_matmul`): few-row products to
+Kimbho's kernels, single-query attention as arithmetic."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from kimbho.inference import small_matmul
-from kimbho.inference.small_matmul import FEW_ROWS, SPLIT, SmallMatmulPass, few_rows
+from kimbho.inference.small_matmul import FEW_ROWS, SmallMatmulPass, few_rows
+from kimbho.model.quantize import Int8Linear
 
 
 def _mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, w1)), w2)
 
 
+def _graph(fn, *args: torch.Tensor) -> torch.fx.GraphModule:
+    """`fn` as the ops Inductor's post-grad graph holds (its decompositions: `t` as a permute,
+    `.to` as a conversion)."""
+    return make_fx(fn, tracing_mode="fake", decomposition_table=select_decomp_table())(*args)
+
+
 def _ops(gm: torch.fx.GraphModule) -> list[object]:
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, FEW_ROWS])
-def test_few_row_products_become_multiply_and_sum_with_the_same_values(rows: int) -> None:
-    """The first product's 30 inputs are summed in one run, the second's 48 in SPLIT runs."""
+def test_few_row_products_go_to_the_kernel_with_the_same_values(rows: int, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    x, w1, w2 = torch.randn(rows, 30), torch.randn(48, 30), torch.randn(24, 48)
-    gm = make_fx(_mlp, tracing_mode="fake")(x, w1, w2)
+    x, w1, w2 = (torch.randn(shape).to(dtype) for shape in ((rows, 30), (48, 30), (24, 48)))
+    gm = _graph(_mlp, x, w1, w2)
     assert _ops(gm).count(torch.ops.aten.mm.default) == 2
     SmallMatmulPass()(gm.graph)
     gm.recompile()
     assert torch.ops.aten.mm.default not in _ops(gm)
-    assert _ops(gm).count(torch.ops.aten.sum.dim_IntList) == 2
-    # The inputs of both products are stored, not recomputed per output feature.
-    sums = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
-    rows_read = [n.args[0].args[1].args[0] for n in sums]  # mul(weight, reshape(rows))
-    assert all(n.meta.get("inductor_realize_to_strides") for n in rows_read)
-    assert [n.args[0].meta["val"].shape[-2:] for n in sums] == [(1, 30), (SPLIT, 48 // SPLIT)]
-    out = gm(x, w1, w2)
-    assert out.shape == (rows, 24) and out.is_contiguous()
-    torch.testing.assert_close(out, _mlp(x, w1, w2), rtol=1e-5, atol=1e-4)
+    assert _ops(gm).count(torch.ops.kimbho.linear.default) == 2
+    # The kernel reads each weight matrix as it is stored, not transposed.
+    assert [
+        n.args[1].meta["val"].shape for n in gm.graph.nodes if n.target is torch.ops.kimbho.linear.default
+    ] == [
+        (48, 30),
+        (24, 48),
+    ]
+    out = gm(x, w1, w2)  # the operators' reference arithmetic, which the kernels' test checks them against
+    assert out.shape == (rows, 24) and out.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.05}
+    torch.testing.assert_close(out, _mlp(x, w1, w2), **tolerance)
 
 
 def test_many_rows_keep_the_matrix_product() -> None:
     x, w1, w2 = torch.randn(FEW_ROWS + 1, 32), torch.randn(48, 32), torch.randn(24, 48)
-    gm = make_fx(_mlp, tracing_mode="fake")(x, w1, w2)
+    gm = _graph(_mlp, x, w1, w2)
     SmallMatmulPass()(gm.graph)
     assert _ops(gm).count(torch.ops.aten.mm.default) == 2
 
 
+@pytest.mark.parametrize("rows", [1, FEW_ROWS + 1])
+def test_int8_products_go_to_the_int8_kernel_at_any_number_of_rows(rows: int) -> None:
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(40, 24, bias=False))
+    x = torch.randn(rows, 40)
+    tensors = dict(layer.named_buffers())
+
+    def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, {"qweight": qweight, "scales": scales}, (x,))
+
+    gm = _graph(forward, x, tensors["qweight"], tensors["scales"])
+    SmallMatmulPass()(gm.graph)
+    gm.recompile()
+    products = [n for n in gm.graph.nodes if n.target is torch.ops.kimbho.int8_linear.default]
+    assert len(products) == 1 and torch.ops.aten.mm.default not in _ops(gm)
+    assert products[0].args[1].meta["val"].dtype == torch.int8  # the stored matrix, not a float copy
+    torch.testing.assert_close(gm(x, tensors["qweight"], tensors["scales"]), layer(x), rtol=1e-4, atol=1e-4)
+
+
 def test_float_weights_on_intel_leave_products_of_two_rows_to_mkl(monkeypatch) -> None:
-    x, w1, w2 = torch.randn(2, 32), torch.randn(48, 32), torch.randn(24, 48)
     monkeypatch.setattr(small_matmul, "cpu_vendor", lambda: "GenuineIntel")
-    assert (few_rows(int8=False), few_rows(int8=True)) == (1, FEW_ROWS)
-    for rows, products in ((few_rows(int8=False), 2), (few_rows(int8=True), 0)):
-        gm = make_fx(_mlp, tracing_mode="fake")(x, w1, w2)
-        SmallMatmulPass(rows)(gm.graph)
-        assert _ops(gm).count(torch.ops.aten.mm.default) == products
+    assert few_rows() == 1
+    x, w1, w2 = torch.randn(2, 32), torch.randn(48, 32), torch.randn(24, 48)
+    gm = _graph(_mlp, x, w1, w2)
+    SmallMatmulPass(few_rows())(gm.graph)
+    assert _ops(gm).count(torch.ops.aten.mm.default) == 2
     assert SmallMatmulPass(1).uuid() != SmallMatmulPass(FEW_ROWS).uuid()  # packages differ
     monkeypatch.setattr(small_matmul, "cpu_vendor", lambda: "AuthenticAMD")
-    assert few_rows(int8=False) == FEW_ROWS
+    assert few_rows() == FEW_ROWS
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])

@@ -44,6 +44,7 @@ from torch import nn
 from ..device import cpu_vendor
 from ..errors import KimbhoError
 from ..model import KimbhoV1Model, KVCache
+from . import cpu_kernels
 from .decode_step import Step, decode_step
 
 log = logging.getLogger("kimbho")
@@ -131,6 +132,8 @@ def _code_identity() -> bytes:
     sources = sorted((here.parent / "model").glob("*.py")) + [
         here / "decode_step.py",
         here / "small_matmul.py",
+        here / "cpu_kernels.py",
+        here / "cpu_kernels.cpp",
         here / "decode_package.py",
     ]
     digest = hashlib.sha256()
@@ -283,6 +286,9 @@ def _load_runner(path: Path, constants: dict[str, torch.Tensor]) -> Step:
     """The package at `path` as a step, `constants` bound to it. Through AOTInductor's C++
     loader itself: `torch._inductor.aoti_load_package` would import Inductor (2.1 s of every
     process's start, measured) and parse the call's tree spec at every step."""
+    kernels = cpu_kernels.library_path(path.parent)
+    if kernels.exists():  # the shims the package's code calls (`cpu_kernels`)
+        cpu_kernels.load_library(kernels)
     loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
     # (map, use_inactive, check_full_update, user_managed: the model's own tensors, not copies,
     # allow_h2d_copy)
@@ -397,12 +403,15 @@ def build(spec_file: Path) -> None:
                 _Step(model.eval()), inputs, dynamic_shapes=(None, None, {3: length}, {3: length})
             )
         partial = directory / f"{name}.partial.pt2"
+        cpu_kernels.build_library(directory)
         torch._inductor.aoti_compile_and_package(
             exported,
             package_path=str(partial),
             inductor_configs={
-                "post_grad_custom_post_pass": SmallMatmulPass(few_rows(spec["int8"])),
+                "post_grad_custom_post_pass": SmallMatmulPass(few_rows()),
                 "aot_inductor.package_constants_in_so": False,  # code only: weights bound at load
+                # Kimbho's kernels called directly (their library is loaded before the package).
+                "aot_inductor.custom_ops_to_c_shims": cpu_kernels.C_SHIMS,
             },
         )
         os.replace(partial, directory / f"{name}.pt2")

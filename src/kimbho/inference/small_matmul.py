@@ -2,19 +2,18 @@
 
 A decode step multiplies a handful of rows (one per sequence) by every weight matrix, so its
 speed is how fast the weights are read. MKL's matrix-vector product reads them on one thread,
-whatever `torch.get_num_threads()` says, at a fraction of what the memory delivers. Written as multiply-and-sum with the output features outermost, the same
-product becomes an Inductor reduction: one vectorised pass over the weights, split across all
-threads, that uses each weight row for every input row while the row is in cache, at several
-times MKL's speed for one row (docs/generation.md, Decode speed). Each further row costs more
-arithmetic, so from some number of rows (`FEW_ROWS`) MKL's product is left as it is.
+whatever `torch.get_num_threads()` says, at a fraction of what the memory delivers, and it has
+no int8 product. `SmallMatmulPass` gives each such product to Kimbho's own kernels
+(`cpu_kernels`): one pass over the weights, split across all threads, each weight read once for
+every input row, in the weights' own dtype (fp32, bf16, or int8 at a quarter of fp32's bytes).
+From some number of rows (`few_rows`) MKL's product of float weights is left as it is.
 
-`SmallMatmulPass` makes that rewrite in the compiled graph, after autograd and decompositions,
-where every linear layer is an `aten.mm`. Its input rows are materialised first: otherwise
-Inductor would recompute the normalisation or SiLU that produced them once per output feature.
-It also writes single-query attention (one new token per sequence) as plain arithmetic: a call
-to PyTorch's fused attention kernel per layer cost more than the few products it does, and
-splits the step into separate kernels. Outside a compiled CPU decode step nothing changes: eager
-mode keeps MKL and the fused attention, bit for bit.
+It makes that rewrite in the compiled graph, after autograd and decompositions, where every
+linear layer is an `aten.mm` (of an int8 layer: of its weights converted, which the kernel reads
+as stored instead). It also writes single-query attention (one new token per sequence) as plain
+arithmetic: a call to PyTorch's fused attention kernel per layer cost more than the few products
+it does, and splits the step into separate kernels. Outside a compiled CPU decode step nothing
+changes: eager mode keeps MKL (oneDNN, `model/linear.py`) and the fused attention.
 """
 
 from __future__ import annotations
@@ -26,36 +25,33 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from ..device import cpu_vendor
+from . import cpu_kernels  # defines torch.ops.kimbho
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
-# Up to this many rows the rewrite pays, timing a whole compiled decode step of `small` (the
-# measurements are in docs/generation.md, Decode speed): on a Zen 3 (AVX2) MKL's product was as
-# fast from ~8 rows; on a Zen 5 (AVX512), where MKL is slower, batch-8 `generate` made 2,575
-# tokens/s with the rewrite at 8 rows against 922 with MKL's. On Intel CPUs MKL takes its fast
-# paths: see `few_rows`.
+# Up to this many rows the kernels take products by float weights, timing the compiled decode
+# step of `small` (docs/generation.md, Decode speed). On a Zen 3 (AVX2) the fp32 step with the
+# kernel took 1.52 / 2.46 / 4.18 ms for 1 / 4 / 8 rows against 1.63 / 3.58 / 6.42 with the
+# Inductor reduction that came before it, which itself had beaten MKL up to ~8 rows there and
+# on a Zen 5 (batch-8 `generate` 2,575 against 922 tokens/s). On Intel CPUs see `few_rows`.
 FEW_ROWS = 8
-# The sum over K runs as SPLIT sums of K/SPLIT terms. Each sum is one chain of vector additions,
-# so shorter chains that the compiler unrolls overlap; and an int8 weight's four bytes per word
-# (`model.quantize`) become one term each, their shifts constant in the inner loop. Measured on
-# the `small` decode step (AVX2): int8 3.27 -> 2.53 ms, fp32 unchanged (it waits on memory).
-SPLIT = 4
 
 
-def few_rows(int8: bool) -> int:
-    """Up to how many rows the rewrite replaces a product on this CPU. int8 weights need it
-    (MKL's product would read them dequantized to fp32, every step): `FEW_ROWS`. Float weights
-    on an Intel CPU: 1 row only, where both run at the memory's speed (1.14-1.15 ms a `small`
-    fp32 step); from 2 rows MKL's product (and oneDNN's, bf16) was 1.7-2.8x faster there
-    (a 2-core Sapphire Rapids: fp32 2 rows 1.18 against 2.02 ms, 8 rows 3.0 against 7.0; bf16
-    8 rows 2.2 against 6.1). Elsewhere `FEW_ROWS`."""
-    return FEW_ROWS if int8 or cpu_vendor() != "GenuineIntel" else 1
+def few_rows() -> int:
+    """Up to how many rows the kernels replace a product by float weights on this CPU (int8
+    weights always go to the int8 kernel: MKL would read them dequantized to fp32, every step).
+    On an Intel CPU: 1 row only. There MKL's product (and oneDNN's, bf16) was 1.7-2.8x faster
+    than the Inductor reduction that preceded the kernels from 2 rows (a 2-core Sapphire Rapids:
+    fp32 2 rows 1.18 against 2.02 ms, 8 rows 3.0 against 7.0; bf16 8 rows 2.2 against 6.1), and
+    the kernels have not been measured against it there. Elsewhere `FEW_ROWS`."""
+    return FEW_ROWS if cpu_vendor() != "GenuineIntel" else 1
 
 
 class SmallMatmulPass(CustomGraphPass):
-    """An Inductor post-grad pass: each CPU `mm` of at most `rows` rows (`few_rows`) becomes
-    multiply-and-sum over materialised rows, and each single-query fused attention becomes
-    plain arithmetic. Pass it as
+    """An Inductor post-grad pass: each CPU `mm` by int8 weights, and by float weights of at most
+    `rows` rows (`few_rows`), becomes a call of Kimbho's kernel, and each single-query fused
+    attention becomes plain arithmetic. Pass it as
     `torch.compile(fn, options={"post_grad_custom_post_pass": SmallMatmulPass()})`."""
 
     def __init__(self, rows: int = FEW_ROWS) -> None:
@@ -69,30 +65,43 @@ class SmallMatmulPass(CustomGraphPass):
                 _rewrite_attention(graph, node)
 
     def uuid(self) -> Any:
-        return (get_hash_for_files((__file__,)), self.rows)
+        return (get_hash_for_files((__file__, cpu_kernels.__file__, str(cpu_kernels.SOURCE))), self.rows)
 
 
 def _rewrite_matmul(graph: torch.fx.Graph, node: torch.fx.Node, few_rows: int) -> None:
-    """rows (M, K) @ weight.T as a sum over (SPLIT, K/SPLIT) of weight (N, 1, SPLIT, K/SPLIT) *
-    rows (M, SPLIT, K/SPLIT), for M <= few_rows."""
+    """rows (M, K) @ weight.T by Kimbho's kernel: for int8 weights, and float weights if M <= few_rows."""
     rows, weight_t = (_node(a) for a in node.args)  # (M, K) and (K, N): the weight transposed
     val = rows.meta["val"]
-    if val.device.type != "cpu" or val.shape[0] > few_rows:
+    if val.device.type != "cpu":
         return
-    M, K = val.shape
-    G = SPLIT if K % SPLIT == 0 else 1
+    kernel = _kernel_for(weight_t, val.shape[0] <= few_rows)
+    if kernel is None:
+        return
+    op, weight = kernel
     with graph.inserting_before(node):
-        weight = _call(graph, aten.permute.default, weight_t, [1, 0])  # (N, K)
-        weight = _call(graph, aten.reshape.default, weight, [-1, 1, G, K // G])  # (N, 1, G, K/G)
-        split_rows = _call(graph, aten.reshape.default, rows, [M, G, K // G])
-        products = _call(graph, aten.mul.Tensor, weight, split_rows)  # (N, M, G, K/G)
-        sums = _call(graph, aten.sum.dim_IntList, products, [-2, -1])  # (N, M)
-        out = _call(graph, aten.permute.default, sums, [1, 0])  # (M, N)
-        # mm's own (contiguous) layout, which the nodes after it were traced with.
-        out = _call(graph, aten.clone.default, out, memory_format=torch.contiguous_format)
+        out = _call(graph, op, rows, weight)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
-    rows.meta["inductor_realize_to_strides"] = True  # stored once, not recomputed per feature
+
+
+def _kernel_for(weight_t: torch.fx.Node, few: bool) -> tuple[Any, torch.fx.Node] | None:
+    """Kimbho's kernel for a product by `weight_t` (a weight matrix (N, K) transposed) and the
+    matrix it reads, or None: int8 weights converted to the rows' dtype (`Int8Linear`), and fp32
+    and bf16 weights for few rows."""
+    if weight_t.target is not aten.permute.default or weight_t.args[1] != [1, 0]:
+        return None
+    weight = _node(weight_t.args[0])
+    if weight.target is prims.convert_element_type.default:
+        stored = _node(weight.args[0])
+        if stored.meta["val"].dtype == torch.int8 and stored.meta["val"].is_contiguous():
+            return torch.ops.kimbho.int8_linear.default, stored
+    if (
+        few
+        and weight.meta["val"].dtype in (torch.float32, torch.bfloat16)
+        and weight.meta["val"].is_contiguous()
+    ):
+        return torch.ops.kimbho.linear.default, weight
+    return None
 
 
 def _rewrite_attention(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
