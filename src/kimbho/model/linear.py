@@ -11,6 +11,11 @@ copy, no memory added); the results differ from MKL's in the order of summation 
 keeps `F.linear` and its backward, autocast regions keep it (it casts to bf16 there), and so does
 anything being compiled: the compiled decode step rewrites the `mm` that F.linear lowers to
 (`inference/small_matmul.py`).
+
+bf16 weights on a CPU without native bf16 (AVX2 only: PyTorch emulates the product) are
+multiplied the same way, in fp32: the weights and rows converted (exactly), summed in fp32 as a
+native bf16 product sums, the result rounded to bf16. A 16-token prefill of `small` in bf16 took
+20.4 ms emulated on a Zen 3 against 4.2 ms so, a 256-token one 271 against 27 ms.
 """
 
 from __future__ import annotations
@@ -21,22 +26,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import fast_bf16
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, in oneDNN where that is faster (see the module docstring)."""
-    if (
-        x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == "cpu"
+    if x.dtype == weight.dtype == torch.bfloat16 and _inference_on_cpu(x, weight) and not fast_bf16(x.device):
+        bias = bias.float() if bias is not None else None
+        return _onednn_linear(x.float(), weight.float(), bias).to(torch.bfloat16)
+    if x.dtype == weight.dtype == torch.float32 and _inference_on_cpu(x, weight):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _inference_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A CPU product that autograd does not record, outside autocast and compiling, of plain
+    tensors, where this PyTorch has oneDNN's linear."""
+    return (
+        x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")  # there F.linear runs in bf16: autocast decides
         and type(weight) in (torch.Tensor, nn.Parameter)  # not a DTensor, a fake or meta tensor
         and type(x) is torch.Tensor
         and not torch.compiler.is_compiling()
         and _onednn_available()
-    ):
-        return _onednn_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+    )
 
 
 class Linear(nn.Linear):
