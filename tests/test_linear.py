@@ -40,7 +40,6 @@ def test_training_autocast_bf16_and_compiled_graphs_keep_f_linear():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 product, as it decides
         calls, out = _calls(layer, x, grad=False)
     assert calls == 0 and out.dtype == torch.bfloat16
-    assert _calls(layer.to(torch.bfloat16), x.bfloat16(), grad=False)[0] == 0  # bf16 is oneDNN's already
     graphs: list[str] = []
 
     def record(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
@@ -50,6 +49,21 @@ def test_training_autocast_bf16_and_compiled_graphs_keep_f_linear():
     with torch.no_grad():
         torch.compile(layer.float(), backend=record)(x)
     assert graphs and "mkldnn" not in graphs[0]  # the compiled decode step rewrites the plain product
+
+
+def test_bf16_products_run_in_fp32_where_bf16_would_be_emulated(monkeypatch):
+    """On a CPU without native bf16 a bf16 product is the fp32 product of the same (exact)
+    values, rounded once; on one with it, PyTorch's own bf16 product."""
+    torch.manual_seed(0)
+    layer, x = Linear(48, 24, bias=True).to(torch.bfloat16), torch.randn(2, 5, 48).bfloat16()
+    monkeypatch.setenv("KIMBHO_CPU_BF16", "0")
+    calls, out = _calls(layer, x, grad=False)
+    assert calls == 1 and out.dtype == torch.bfloat16
+    exact = F.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
+    torch.testing.assert_close(out, exact, rtol=2**-7, atol=1e-3)  # within a rounding of bf16
+    monkeypatch.setenv("KIMBHO_CPU_BF16", "1")
+    calls, out = _calls(layer, x, grad=False)
+    assert calls == 0 and out.dtype == torch.bfloat16
 
 
 def test_greedy_tokens_of_a_prefilled_prompt_equal_the_forward_pass():
