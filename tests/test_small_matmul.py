@@ -78,6 +78,14 @@ def test_int8_products_go_to_the_int8_kernel_at_any_number_of_rows(rows: int) ->
     torch.testing.assert_close(gm(x, tensors["qweight"], tensors["scales"]), layer(x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_cpu_without_the_kernels_vector_code_keeps_the_matrix_products(monkeypatch) -> None:
+    monkeypatch.setattr(small_matmul.cpu_kernels, "VECTORIZED", False)
+    x, w1, w2 = torch.randn(1, 32), torch.randn(48, 32), torch.randn(24, 48)
+    gm = _graph(_mlp, x, w1, w2)
+    SmallMatmulPass()(gm.graph)
+    assert _ops(gm).count(torch.ops.aten.mm.default) == 2
+
+
 def test_float_weights_on_intel_leave_products_of_two_rows_to_mkl(monkeypatch) -> None:
     monkeypatch.setattr(small_matmul, "cpu_vendor", lambda: "GenuineIntel")
     assert few_rows() == 1

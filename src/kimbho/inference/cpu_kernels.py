@@ -30,6 +30,11 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
+# Where the kernels have their vector code (x86 with AVX2 and FMA, AVX512 CPUs included, which run
+# the AVX2 code). Elsewhere they would run their plain loops, slower than the products they
+# replace, so the graph pass leaves those alone.
+VECTORIZED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
 # The shims' C declarations, by operator: AOTInductor declares them in the package's code and
 # calls them in place of the operator.
 _LIB = torch.library.Library("kimbho", "DEF")

@@ -88,7 +88,11 @@ def _kernel_for(weight_t: torch.fx.Node, few: bool) -> tuple[Any, torch.fx.Node]
     """Kimbho's kernel for a product by `weight_t` (a weight matrix (N, K) transposed) and the
     matrix it reads, or None: int8 weights converted to the rows' dtype (`Int8Linear`), and fp32
     and bf16 weights for few rows."""
-    if weight_t.target is not aten.permute.default or weight_t.args[1] != [1, 0]:
+    if (
+        not cpu_kernels.VECTORIZED
+        or weight_t.target is not aten.permute.default
+        or weight_t.args[1] != [1, 0]
+    ):
         return None
     weight = _node(weight_t.args[0])
     if weight.target is prims.convert_element_type.default:

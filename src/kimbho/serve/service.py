@@ -377,25 +377,26 @@ class Service:
         """(prompt index, event) pairs of `job` until every sequence has finished; cancels the
         job if the consumer stops early (a disconnect) or the deadline passes."""
         remaining = sum(r.n for r in requests)
-        deadline = time.monotonic() + self.options.timeout
+        # The deadline arrives as an event of its own: one timer per request, not one per token
+        # (a `wait_for` around each token's wait made a task and a timer per token).
+        timeout = APIError(
+            408,
+            f"the request took longer than the server's timeout of {self.options.timeout:g} s",
+            None,
+            "timeout",
+        )
+        deadline = asyncio.get_running_loop().call_later(self.options.timeout, job.events.put_nowait, timeout)
         self.live.add(job)
         try:
             while remaining:
-                try:
-                    item = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0))
-                except asyncio.TimeoutError:
-                    raise APIError(
-                        408,
-                        f"the request took longer than the server's timeout of {self.options.timeout:g} s",
-                        None,
-                        "timeout",
-                    ) from None
+                item = await job.events.get()
                 if isinstance(item, BaseException):
                     raise item
                 for pair in item:
                     remaining -= pair[1].finish_reason is not None
                     yield pair
         finally:
+            deadline.cancel()
             self.live.discard(job)
             if remaining:
                 self.worker.cancel(job)
