@@ -17,15 +17,18 @@ kimbho = torch.ops.kimbho
 
 class _Products(torch.nn.Module):
     """Products the kernels must get right: one row and several passes of rows (8 a pass) with a
-    remainder, widths with a tail past the 16-column vectors, an int8 width past the 4,096
-    columns whose int32 sums would overflow (all at their largest), bf16 input rows, and input
-    rows read through a transposed view."""
+    remainder, output features in blocks and one by one (counts not divisible by the blocks),
+    widths with a tail past the 16-column vectors, an int8 width past the 4,096 columns whose
+    int32 sums would overflow (all at their largest), bf16 input rows, and input rows read
+    through a transposed view."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.register_buffer("q40", torch.randint(-127, 128, (24, 40), dtype=torch.int8))
         self.register_buffer("q_wide", torch.full((3, 8200), 127, dtype=torch.int8))
+        self.register_buffer("q7", torch.randint(-127, 128, (7, 40), dtype=torch.int8))
+        self.register_buffer("f9", torch.randn(9, 48))
         self.register_buffer("f40", torch.randn(24, 40))
         self.register_buffer("b48", torch.randn(20, 48).bfloat16())
         self.register_buffer("b40", torch.randn(24, 40).bfloat16())
@@ -37,12 +40,14 @@ class _Products(torch.nn.Module):
             kimbho.int8_linear(x40.bfloat16(), self.q40),
             kimbho.int8_linear(x40.t().contiguous().t(), self.q40),
             kimbho.int8_linear(wide, self.q_wide),
+            kimbho.int8_linear(x40[:3], self.q7),  # features in blocks, then one at a time
             kimbho.linear(x40[:1], self.f40),
             kimbho.linear(x40[:9], self.f40),
             kimbho.linear(x48[:3], self.b48),
             kimbho.linear(x48[:3].bfloat16(), self.b48),
             kimbho.linear(x40[:5], self.b40),
             kimbho.linear(x48.t().contiguous().t()[:3], self.b48),
+            kimbho.linear(x48[:1], self.f9),
         ]
 
 
@@ -62,7 +67,7 @@ def test_the_kernels_compute_what_the_operators_define(tmp_path: Path) -> None:
     assert len(got) == len(expected)
     for i, (ours, reference) in enumerate(zip(got, expected, strict=True)):
         assert ours.dtype == reference.dtype and ours.shape == reference.shape, i
-        if i < 5:  # int8: exact integer sums, the same rounding of the rows
+        if i < 6:  # int8: exact integer sums, the same rounding of the rows
             torch.testing.assert_close(ours, reference, rtol=1e-6, atol=0, msg=f"product {i}")
         else:  # float: the same terms summed in another order
             tolerance = 1e-5 if ours.dtype == torch.float32 else 1e-2
