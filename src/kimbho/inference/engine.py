@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..data.tokenizer import TextStream, Tokenizer
@@ -261,7 +262,7 @@ class Engine:
         token comes right after its prefill."""
         if self._feed:
             fed = list(self._feed)
-            self.logits[_rows(fed)] = self.decode(fed, list(self._feed.values()))
+            self.logits[_rows(fed)] = self._decode(fed, list(self._feed.values()))
             self._feed.clear()
         active = [s for s, seq in enumerate(self.seqs) if seq is not None]
         if not active:
@@ -331,6 +332,10 @@ class Engine:
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """Append tokens[i] to slot slots[i], all in one forward pass; returns their fp32 logits
         (len(slots), vocab). Other slots are untouched."""
+        return self._decode(slots, tokens)
+
+    def _decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """`decode`, for callers already in inference mode (`step`: once per token)."""
         # Only the slots up to the last one fed, and the positions filled so far: compiled, the
         # smallest ready bucket of that many slots, over a length that covers every slot's next
         # position (a slot of the bucket that is not fed writes a throwaway key there, which its
@@ -349,8 +354,7 @@ class Engine:
         feed = [0] * rows
         for slot, token in zip(slots, tokens, strict=True):
             feed[slot] = token
-        tokens_t = torch.tensor(feed, device=self.device)
-        positions_t = torch.tensor(positions, device=self.device)
+        tokens_t, positions_t = self._ids(feed), self._ids(positions)
         if compiled is not None:  # (rows, vocab)
             logits = step(tokens_t, positions_t, keys, values)
         else:
@@ -380,7 +384,12 @@ class Engine:
         logits = self.logits[_rows(active)]  # (A, vocab)
         first = seqs[0].request.params  # type: ignore[union-attr]
         if first.greedy and not first.penalized and all(s.request.params == first for s in seqs[1:]):  # type: ignore[union-attr]
-            chosen = logits.argmax(dim=-1)  # the common case, without copies
+            # The common case, without copies. On the CPU through NumPy: 2 against 11 us a call
+            # (torch's argmax and tolist), on every token.
+            if self.device.type == "cpu" and logits.dtype == torch.float32:
+                chosen = self._ids(logits.numpy().argmax(axis=-1))
+            else:
+                chosen = logits.argmax(dim=-1)
         else:
             groups: dict[SamplingParams, list[int]] = {}
             for i, seq in enumerate(seqs):
@@ -456,6 +465,11 @@ class Engine:
         self._seen[rows] = False
         self._seen[rows[:, None], torch.tensor(list(prompt), device=self.device)] = True
         self._counts[rows] = 0
+
+    def _ids(self, values: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """A tensor of token ids or positions on the engine's device: through NumPy, 1.4 against
+        3.8 us for `torch.tensor` of a list, twice a step."""
+        return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(self.device)
 
     def _generator(self, request: Request, index: int) -> torch.Generator | None:
         if request.params.greedy:
