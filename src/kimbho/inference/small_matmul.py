@@ -32,9 +32,9 @@ prims = torch.ops.prims
 
 # Up to this many rows the kernels take products by float weights, timing the compiled decode
 # step of `small` (docs/generation.md, Decode speed). On a Zen 3 (AVX2) the fp32 step with the
-# kernel took 1.52 / 2.46 / 4.18 ms for 1 / 4 / 8 rows against 1.63 / 3.58 / 6.42 with the
-# Inductor reduction that came before it, which itself had beaten MKL up to ~8 rows there and
-# on a Zen 5 (batch-8 `generate` 2,575 against 922 tokens/s). On Intel CPUs see `few_rows`.
+# kernels took 1.50 / 2.30 / 3.82 ms for 1 / 4 / 8 rows against 3.90 / 8.52 / 7.72 with MKL's
+# products, and 1.52 / 2.46 / 3.33 against 1.63 / 3.58 / 6.30 with the Inductor reduction that
+# came before them. On Intel CPUs see `few_rows`.
 FEW_ROWS = 8
 
 
@@ -51,8 +51,9 @@ def few_rows() -> int:
 class SmallMatmulPass(CustomGraphPass):
     """An Inductor post-grad pass: each CPU `mm` by int8 weights, and by float weights of at most
     `rows` rows (`few_rows`), becomes a call of Kimbho's kernel, and each single-query fused
-    attention becomes plain arithmetic. Pass it as
-    `torch.compile(fn, options={"post_grad_custom_post_pass": SmallMatmulPass()})`."""
+    attention becomes plain arithmetic. AOTInductor takes it as its `post_grad_custom_post_pass`,
+    with `cpu_kernels.C_SHIMS`: the package's code then calls the kernels (anywhere else the
+    operators would run their Python reference)."""
 
     def __init__(self, rows: int = FEW_ROWS) -> None:
         self.rows = rows
