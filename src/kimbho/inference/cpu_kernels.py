@@ -1,21 +1,22 @@
-"""Kimbho's own CPU kernels for the compiled decode step: few-row products by int8 and bf16 weights.
+"""Kimbho's own CPU kernels for the compiled decode step: few-row products by fp32, bf16 and int8 weights.
 
-A decode step multiplies a few rows by every weight matrix. Written as multiply-and-sum
-(`small_matmul`), Inductor compiles fp32 weights into a reduction that reads them at the
-memory's speed. For int8 and bf16 weights the code it writes spends more time converting each
-weight than reading it: on an AVX2 Zen 3, the int8 step of `small` took 8.4 ms (its int32 loads
-went through the stack) and the bf16 one 1.4 ms against fp32's 1.65, for half the bytes. The
-kernels of `cpu_kernels.cpp` do the same products with the inner loop a compiler cannot find
-for us (docs/generation.md, Decode speed): int8 weights against the input rows quantized to int16
-(`vpmaddwd`, exact int32 sums), bf16 weights split into fp32 by one shift and one mask.
+A decode step multiplies a few rows by every weight matrix, so its speed is how fast the weights
+are read. MKL reads them on one thread; the Inductor reductions that replaced it read fp32 at the
+memory's speed, but for int8 and bf16 weights the code Inductor writes spent more time
+converting each weight than reading it (on an AVX2 Zen 3 the int8 step of `small` took 8.4 ms,
+its int32 loads going through the stack, and the bf16 one 1.46 ms against fp32's 1.63, for half
+the bytes). The kernels of `cpu_kernels.cpp` read every dtype at the memory's speed, with inner
+loops a compiler does not find for us (docs/generation.md, Decode speed): int8 weights against
+the input rows rounded to int16 (`vpmaddwd`, exact int32 sums), bf16 weights split into fp32 by
+one shift and one mask, fp32 weights read once.
 
-They are two operators, `kimbho::int8_linear(x, weight)` and `kimbho::bf16_linear(x, weight)`
-(x @ weight.T), that `small_matmul`'s pass writes into the step's graph, and AOTInductor C shims
-(`C_SHIMS`): the package's code calls them directly. Their library is compiled once per machine
-by the package builder, with Inductor's own compiler settings (the same vector ISA and OpenMP),
-and is loaded into a process before a package that calls it. In Python the operators run a
-reference version of the same arithmetic, used by the tests and by anything that runs the graph
-outside a package.
+They are two operators, `kimbho::int8_linear(x, weight)` and `kimbho::linear(x, weight)` (x @
+weight.T; fp32 or bf16 weights), that `small_matmul`'s pass writes into the step's graph, and
+AOTInductor C shims (`C_SHIMS`): the package's code calls them directly. Their library is
+compiled once per machine by the package builder, with Inductor's own compiler settings (the
+same vector ISA and OpenMP), and is loaded into a process before a package that calls it. In
+Python the operators run a reference version of the same arithmetic, used by the tests and by
+anything that runs the graph outside a package.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,11 +37,11 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # replace, so the graph pass leaves those alone.
 VECTORIZED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
-# The shims' C declarations, by operator: AOTInductor declares them in the package's code and
-# calls them in place of the operator.
 _LIB = torch.library.Library("kimbho", "DEF")
 _LIB.define("int8_linear(Tensor x, Tensor weight) -> Tensor")
 _LIB.define("linear(Tensor x, Tensor weight) -> Tensor")
+# The shims' C declarations, by operator: AOTInductor declares them in the package's code and
+# calls them in place of the operator.
 C_SHIMS = {
     torch.ops.kimbho.int8_linear.default: [
         "AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, AtenTensorHandle weight, "
@@ -101,13 +103,13 @@ def build_library(directory: Path) -> Path:
         return path
     partial = directory / f"{path.stem}.{os.getpid()}.partial"
     partial.mkdir(parents=True, exist_ok=True)
-    options = CppTorchOptions(vec_isa=pick_vec_isa(), include_pytorch=True, shared=True)
-    builder = CppBuilder(path.stem, [str(SOURCE)], options, output_dir=str(partial))
-    builder.build()
-    os.replace(builder.get_target_file_path(), path)
-    for leftover in partial.iterdir():
-        leftover.unlink()
-    partial.rmdir()
+    try:
+        options = CppTorchOptions(vec_isa=pick_vec_isa(), include_pytorch=True, shared=True)
+        builder = CppBuilder(path.stem, [str(SOURCE)], options, output_dir=str(partial))
+        builder.build()
+        os.replace(builder.get_target_file_path(), path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return path
 
 
