@@ -328,31 +328,39 @@ void float_linear(const Rows& x, const W* weight, int64_t N, const Output& out) 
     if ((call) != AOTI_TORCH_SUCCESS) return AOTI_TORCH_FAILURE; \
   } while (0)
 
-// The input rows (M, K), fp32 or bf16, the weights' data and their (N, K), and a new (M, N)
-// output of the rows' dtype.
-AOTITorchError prepare(AtenTensorHandle x, AtenTensorHandle weight, Rows* rows, void** w, int64_t* N,
-                       int32_t* w_dtype, Output* output, AtenTensorHandle* out) {
+// x (M, K) @ weight (N, K).T into a new (M, N) tensor of x's dtype (fp32 or bf16), by the
+// kernel of the weights' dtype: int8 (`int8`) or fp32 and bf16.
+AOTITorchError product(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* out, bool int8) {
   int64_t dim, *sizes, *strides, *w_sizes;
-  int32_t dtype;
-  void *data, *out_data;
+  int32_t dtype, w_dtype;
+  void *data, *w, *out_data;
   KIMBHO_CHECK(aoti_torch_get_dim(x, &dim));
   KIMBHO_CHECK(aoti_torch_get_sizes(x, &sizes));
   KIMBHO_CHECK(aoti_torch_get_strides(x, &strides));
   KIMBHO_CHECK(aoti_torch_get_dtype(x, &dtype));
   KIMBHO_CHECK(aoti_torch_get_data_ptr(x, &data));
   KIMBHO_CHECK(aoti_torch_get_sizes(weight, &w_sizes));
-  KIMBHO_CHECK(aoti_torch_get_dtype(weight, w_dtype));
-  KIMBHO_CHECK(aoti_torch_get_data_ptr(weight, w));
+  KIMBHO_CHECK(aoti_torch_get_dtype(weight, &w_dtype));
+  KIMBHO_CHECK(aoti_torch_get_data_ptr(weight, &w));
   const bool bf16 = dtype == aoti_torch_dtype_bfloat16();
-  if (dim != 2 || !(bf16 || dtype == aoti_torch_dtype_float32()) || w_sizes[1] != sizes[1]) {
+  if (dim != 2 || !(bf16 || dtype == aoti_torch_dtype_float32()) || w_sizes[1] != sizes[1] ||
+      int8 != (w_dtype == aoti_torch_dtype_int8())) {
     return AOTI_TORCH_FAILURE;
   }
-  *N = w_sizes[0];
-  *rows = Rows{data, bf16, sizes[0], sizes[1], strides[0], strides[1]};
-  const int64_t out_sizes[2] = {sizes[0], *N}, out_strides[2] = {*N, 1};
+  const int64_t N = w_sizes[0], out_sizes[2] = {sizes[0], N}, out_strides[2] = {N, 1};
   KIMBHO_CHECK(aoti_torch_empty_strided(2, out_sizes, out_strides, dtype, aoti_torch_device_type_cpu(), 0, out));
   KIMBHO_CHECK(aoti_torch_get_data_ptr(*out, &out_data));
-  *output = Output{out_data, bf16, *N};
+  const Rows rows{data, bf16, sizes[0], sizes[1], strides[0], strides[1]};
+  const Output output{out_data, bf16, N};
+  if (int8) {
+    int8_linear(rows, static_cast<const int8_t*>(w), N, output);
+  } else if (w_dtype == aoti_torch_dtype_bfloat16()) {
+    float_linear(rows, static_cast<const uint16_t*>(w), N, output);
+  } else if (w_dtype == aoti_torch_dtype_float32()) {
+    float_linear(rows, static_cast<const float*>(w), N, output);
+  } else {
+    return AOTI_TORCH_FAILURE;
+  }
   return AOTI_TORCH_SUCCESS;
 }
 
@@ -362,33 +370,12 @@ extern "C" {
 
 // kimbho::int8_linear(x, weight): x (M, K) @ weight (N, K).T, weight in int8
 AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* ret0) {
-  Rows rows;
-  Output out;
-  void* w;
-  int64_t N;
-  int32_t dtype;
-  KIMBHO_CHECK(prepare(x, weight, &rows, &w, &N, &dtype, &out, ret0));
-  if (dtype != aoti_torch_dtype_int8()) return AOTI_TORCH_FAILURE;
-  int8_linear(rows, static_cast<const int8_t*>(w), N, out);
-  return AOTI_TORCH_SUCCESS;
+  return product(x, weight, ret0, true);
 }
 
 // kimbho::linear(x, weight): x (M, K) @ weight (N, K).T, weight in fp32 or bf16
 AOTITorchError aoti_torch_cpu_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* ret0) {
-  Rows rows;
-  Output out;
-  void* w;
-  int64_t N;
-  int32_t dtype;
-  KIMBHO_CHECK(prepare(x, weight, &rows, &w, &N, &dtype, &out, ret0));
-  if (dtype == aoti_torch_dtype_bfloat16()) {
-    float_linear(rows, static_cast<const uint16_t*>(w), N, out);
-  } else if (dtype == aoti_torch_dtype_float32()) {
-    float_linear(rows, static_cast<const float*>(w), N, out);
-  } else {
-    return AOTI_TORCH_FAILURE;
-  }
-  return AOTI_TORCH_SUCCESS;
+  return product(x, weight, ret0, false);
 }
 
 }  // extern "C"
