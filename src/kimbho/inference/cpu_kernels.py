@@ -85,10 +85,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def library_path(directory: Path) -> Path:
     """Where the compiled kernels live in `directory`: named by their source and what it is
     compiled for (torch, whose headers and OpenMP it uses, and the vector ISA)."""
+    return directory / f"libkimbho_kernels-{_identity()}.so"
+
+
+@functools.cache
+def _identity() -> str:
+    """The library's name part, read once a process (every package load asks for it)."""
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(torch.backends.cpu.get_cpu_capability().encode())
-    return directory / f"libkimbho_kernels-{digest.hexdigest()[:16]}.so"
+    return digest.hexdigest()[:16]
 
 
 def build_library(directory: Path) -> Path:
